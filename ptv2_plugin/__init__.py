@@ -1,0 +1,16 @@
+"""P-Tuning v2 for Hugging Face PEFT.
+
+``import ptv2_plugin`` registers the ``P_TUNING_V2`` method with PEFT (idempotent), after which ``get_peft_model``,
+``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and the ``AutoPeftModelFor*`` classes handle its adapters.
+"""
+
+from .config import PTuningV2Config
+from .layer import PTuningV2Layer
+from .model import PTuningV2Model
+from .prefix_encoder import PrefixEncoder
+from .registration import register
+
+PEFT_TYPE = register()
+
+__all__ = ["PEFT_TYPE", "PTuningV2Config", "PTuningV2Layer", "PTuningV2Model", "PrefixEncoder", "register"]
+__version__ = "0.1.0"

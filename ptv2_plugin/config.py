@@ -1,0 +1,100 @@
+"""Configuration of a P-Tuning v2 adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from .registration import PEFT_TYPE_NAME, _add_peft_type_member
+
+# A prefix longer than this is almost certainly a mistake (it would dwarf every real input), not a design choice.
+MAX_VIRTUAL_TOKENS = 4096
+
+
+@dataclass
+class PTuningV2Config(PeftConfig):
+    """Deep prompt tuning: ``num_virtual_tokens`` trainable keys and values in front of every self-attention layer.
+
+    Field names follow PEFT's ``PrefixTuningConfig`` where the concept is the same, so configs read alike.
+    """
+
+    num_virtual_tokens: int = field(default=20, metadata={"help": "Number of prefix keys/values per layer (n)."})
+    prefix_projection: bool = field(
+        default=True,
+        metadata={
+            "help": "Reparameterize the prefix through Embedding -> Linear -> Tanh -> Linear (the paper's MLP). "
+            "False trains free per-layer key/value tensors instead."
+        },
+    )
+    encoder_hidden_size: Optional[int] = field(
+        default=None, metadata={"help": "Width of the reparameterization MLP; default: the model's hidden size."}
+    )
+    prefix_dropout: float = field(default=0.0, metadata={"help": "Dropout on the prefix keys/values in training."})
+    prefix_init_std: float = field(
+        default=0.02,
+        metadata={
+            "help": "Std of the MLP's output layer (or of the free prefix without projection). Small values start "
+            "the prefix near zero so attention is not captured by it before it has learned anything."
+        },
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Self-attention modules that receive a prefix (names or a regex). Default: the per-architecture "
+            "table in ptv2_plugin.architectures."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules (names or a regex) never to prefix."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only prefix these layer indices (as in PEFT's LoRA)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list, used with layers_to_transform."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Extra modules to train and save; the task head is added per task type by PEFT."},
+    )
+    shift_position_ids: bool = field(
+        default=False,
+        metadata={
+            "help": "Number real tokens from n instead of 0, as PEFT's prefix tuning and the original code do. "
+            "Off by default: the model keeps its whole context and its pretrained position numbering."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = _add_peft_type_member(PEFT_TYPE_NAME)
+        self._validate()
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+
+    def _validate(self) -> None:
+        n = self.num_virtual_tokens
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"num_virtual_tokens must be an int, got {type(n).__name__} ({n!r}).")
+        if not 0 < n <= MAX_VIRTUAL_TOKENS:
+            raise ValueError(f"num_virtual_tokens must be between 1 and {MAX_VIRTUAL_TOKENS}, got {n}.")
+        if not isinstance(self.prefix_projection, bool):
+            raise TypeError(f"prefix_projection must be a bool, got {self.prefix_projection!r}.")
+        if self.encoder_hidden_size is not None and (
+            isinstance(self.encoder_hidden_size, bool)
+            or not isinstance(self.encoder_hidden_size, int)
+            or self.encoder_hidden_size <= 0
+        ):
+            raise ValueError(f"encoder_hidden_size must be a positive int or None, got {self.encoder_hidden_size!r}.")
+        if not isinstance(self.prefix_dropout, (int, float)) or not 0.0 <= self.prefix_dropout < 1.0:
+            raise ValueError(f"prefix_dropout must be in [0, 1), got {self.prefix_dropout!r}.")
+        if not isinstance(self.prefix_init_std, (int, float)) or not self.prefix_init_std > 0:
+            raise ValueError(f"prefix_init_std must be a positive number, got {self.prefix_init_std!r}.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern is only used together with layers_to_transform.")
+        if isinstance(self.target_modules, str) and not self.target_modules.strip():
+            raise ValueError("target_modules must not be an empty string.")

@@ -1,0 +1,98 @@
+"""The tuner layer: wraps one self-attention module and feeds it the active adapters' prefix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .attention import (
+    ActivePrefix,
+    PrefixedAttentionConfig,
+    active_prefix,
+    base_attention_function,
+    injection_kind,
+    install_projection_hooks,
+    widen_mask_argument,
+)
+
+
+class PTuningV2Layer(nn.Module, BaseTunerLayer):
+    """Self-attention with prefix keys and values in front of the real ones.
+
+    The layer owns no parameters: the prefix encoders live once per adapter on the tuner (``PTuningV2Model``) and
+    this layer only knows which slot of each encoder is its own. They are held in a plain attribute so the module
+    tree (and the state dict) lists them once.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ("ptv2_slot",)
+
+    def __init__(self, base_layer: nn.Module, encoders: nn.ModuleDict) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.ptv2_slot: dict[str, int] = {}
+        self.__dict__["_encoders"] = encoders
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.injection = injection_kind(base_layer)
+        self._hooks: list = []
+        if self.injection == "interface":
+            base_attention_function(base_layer)  # fail now, not mid-forward, on an unsupported attention backend
+            if not isinstance(base_layer.config, PrefixedAttentionConfig):
+                base_layer.config = PrefixedAttentionConfig(base_layer.config)
+        else:
+            self._hooks = install_projection_hooks(base_layer)
+
+    def update_layer(self, adapter_name: str, slot: int) -> None:
+        self.ptv2_slot[adapter_name] = slot
+
+    def prefix(self, adapter_names: list[str]) -> ActivePrefix | None:
+        """Keys/values of the given adapters, concatenated along the prefix axis, shaped (1, kv_heads, n, head_dim)."""
+        parts = [
+            self.__dict__["_encoders"][name].slot_key_value(self.ptv2_slot[name])
+            for name in adapter_names
+            if name in self.ptv2_slot and name in self.__dict__["_encoders"]
+        ]
+        if not parts:
+            return None
+        if len(parts) == 1:
+            key, value = parts[0]
+        else:
+            key = torch.cat([k for k, _ in parts], dim=1)
+            value = torch.cat([v for _, v in parts], dim=1)
+        return ActivePrefix(key.unsqueeze(0), value.unsqueeze(0))
+
+    def forward(self, *args: Any, **kwargs: Any):
+        prefix = None if self.disable_adapters else self.prefix(self.active_adapters)
+        if prefix is None:
+            return self.base_layer(*args, **kwargs)
+        if self.injection == "projection":
+            args, kwargs = widen_mask_argument(args, kwargs, prefix.length)
+        with active_prefix(prefix):
+            return self.base_layer(*args, **kwargs)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(
+            "A P-Tuning v2 prefix cannot be merged into the model weights: it adds keys and values, not a weight "
+            "delta. Export it with exporters.onnx.export(...) to serve it without PEFT."
+        )
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        self.detach_from_base()
+        return self.base_layer
+
+    def detach_from_base(self) -> None:
+        """Give the base module back exactly as it was: real config, no hooks."""
+        if isinstance(getattr(self.base_layer, "config", None), PrefixedAttentionConfig):
+            self.base_layer.config = self.base_layer.config.base_config
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def __repr__(self) -> str:
+        return f"ptv2.{super().__repr__()}"

@@ -1,0 +1,174 @@
+"""The tuner: finds self-attention modules, wraps them, and owns one prefix encoder per adapter."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .architectures import KVGeometry, default_target_modules, kv_geometry
+from .attention import register_attention_function
+from .config import PTuningV2Config
+from .layer import PTuningV2Layer
+from .positions import install_position_shift
+from .prefix_encoder import PrefixEncoder
+
+
+class PTuningV2Model(BaseTuner):
+    """P-Tuning v2 (deep prompt tuning) as a PEFT tuner.
+
+    ``ptv2_prefix_encoder[adapter]`` holds each adapter's prompt embedding and MLP; PEFT saves and loads it like any
+    tuner-level container. Each wrapped attention module asks its encoder for its own slot of keys and values.
+    """
+
+    prefix: str = "ptv2_"
+    tuner_layer_cls = PTuningV2Layer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _pre_injection_hook(self, model: nn.Module, config: PTuningV2Config, adapter_name: str) -> None:
+        register_attention_function()
+        if "ptv2_prefix_encoder" not in self._modules:
+            self.ptv2_prefix_encoder = nn.ModuleDict()
+            self._ptv2_hooks: list = [_install_checkpointing_input_grads(model)]
+
+    def _prepare_adapter_config(self, peft_config: PTuningV2Config, model_config: dict) -> PTuningV2Config:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = set(default_target_modules(model_config.get("model_type")))
+        return peft_config
+
+    def _check_new_adapter_config(self, config: PTuningV2Config) -> None:
+        super()._check_new_adapter_config(config)
+        if config.shift_position_ids and any(
+            c.shift_position_ids for name, c in self.peft_config.items() if c is not config
+        ):
+            raise ValueError("Only one adapter on a model may use shift_position_ids=True.")
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        self._pending_slots: list[KVGeometry] = []
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config: PTuningV2Config = self.peft_config[adapter_name]
+        model_config = getattr(model, "config", None)
+        encoder = PrefixEncoder(
+            config.num_virtual_tokens,
+            model_config.hidden_size,
+            self._pending_slots,
+            prefix_projection=config.prefix_projection,
+            encoder_hidden_size=config.encoder_hidden_size,
+            prefix_dropout=config.prefix_dropout,
+            init_std=config.prefix_init_std,
+        )
+        reference = next((p for p in model.parameters()), None)
+        if reference is not None:
+            encoder.to(reference.device)
+        self.ptv2_prefix_encoder[adapter_name] = encoder
+        self._pending_slots = []
+        self._sync_encoder_requires_grad(inference_mode=config.inference_mode)
+        if config.shift_position_ids:
+            self._ptv2_hooks.append(install_position_shift(model, self, adapter_name))
+
+    def _create_and_replace(
+        self,
+        peft_config: PTuningV2Config,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        slot = len(self._pending_slots)
+        self._pending_slots.append(kv_geometry(self.model.config))
+        if isinstance(target, PTuningV2Layer):
+            target.update_layer(adapter_name, slot)
+            return
+        new_module = PTuningV2Layer(target, self.ptv2_prefix_encoder)
+        new_module.update_layer(adapter_name, slot)
+        new_module._active_adapter = self.active_adapter
+        setattr(parent, target_name, new_module)
+
+    # ------------------------------------------------------------------------------- adapters and trainability
+    def _sync_encoder_requires_grad(self, inference_mode: bool = False) -> None:
+        for name, encoder in self.ptv2_prefix_encoder.items():
+            trainable = name in self.active_adapters and not inference_mode
+            trainable = trainable and not self.peft_config[name].inference_mode
+            encoder.requires_grad_(trainable)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        if "ptv2_prefix_encoder" in self._modules:
+            self._sync_encoder_requires_grad()
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"Adapter(s) {missing} not found; available: {sorted(self.peft_config)}.")
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._sync_encoder_requires_grad(inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if adapter_name in self.ptv2_prefix_encoder:
+            del self.ptv2_prefix_encoder[adapter_name]
+
+    def prefix_encoder(self, adapter_name: str | None = None) -> PrefixEncoder:
+        """The encoder of ``adapter_name`` (default: the active adapter)."""
+        name = adapter_name or self.active_adapters[0]
+        if name not in self.ptv2_prefix_encoder:
+            raise KeyError(f"No P-Tuning v2 adapter named {name!r}; available: {sorted(self.ptv2_prefix_encoder)}.")
+        return self.ptv2_prefix_encoder[name]
+
+    def _check_merge_allowed(self) -> None:
+        raise NotImplementedError(
+            "P-Tuning v2 adds keys and values, not a weight delta, so it cannot be merged into the base model. "
+            "Use unload() to get the base model back, or exporters.onnx.export(...) to serve the adapter."
+        )
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
+        if merge:
+            self._check_merge_allowed()
+        model = super()._unload_and_optionally_merge(merge=False, *args, **kwargs)
+        for hook in getattr(self, "_ptv2_hooks", []):
+            hook.remove()
+        self._ptv2_hooks = []
+        return model
+
+
+def _install_checkpointing_input_grads(model: nn.Module):
+    """Make reentrant gradient checkpointing train the prefix on a frozen model.
+
+    Reentrant checkpointing only back-propagates into a checkpointed layer when one of its inputs requires grad;
+    with frozen embeddings none does and the prefix would silently stop learning. The hook marks the embedding
+    output as requiring grad only while training with checkpointing on.
+    """
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+        if (
+            torch.is_grad_enabled()
+            and model.training
+            and _checkpointing_enabled(model)
+            and isinstance(output, torch.Tensor)
+            and not output.requires_grad
+        ):
+            return output.requires_grad_(True)
+        return output
+
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None:
+        return _NoHook()
+    return embeddings.register_forward_hook(hook)
+
+
+def _checkpointing_enabled(model: nn.Module) -> bool:
+    # transformers 5 renamed the flag; reading the old name there emits a deprecation warning on every forward.
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+

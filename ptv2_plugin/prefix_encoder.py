@@ -1,0 +1,132 @@
+"""The trainable prefix: prompt embedding P and its reparameterization MLP."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .architectures import KVGeometry
+
+
+class PrefixEncoder(nn.Module):
+    """Emits, for every prefixed attention layer ("slot"), n keys and n values.
+
+    Output layout of the MLP (one row per virtual token): ``[slot_0 | slot_1 | ...]`` with each slot
+    ``[keys (kv_heads x head_dim) | values (kv_heads x head_dim)]``, as in the seed implementation.
+
+    Training computes each slot from the leaf parameters when the layer asks for it, so gradient checkpointing
+    (which re-runs a layer in backward) sees the parameters themselves, never a tensor from another graph.
+    Inference runs the whole MLP once and reuses its output until a parameter changes or training resumes.
+    """
+
+    def __init__(
+        self,
+        num_virtual_tokens: int,
+        hidden_size: int,
+        slots: Sequence[KVGeometry],
+        *,
+        prefix_projection: bool = True,
+        encoder_hidden_size: int | None = None,
+        prefix_dropout: float = 0.0,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if not slots:
+            raise ValueError("A prefix encoder needs at least one attention layer to feed.")
+        self.num_virtual_tokens = num_virtual_tokens
+        self.slots = list(slots)
+        self.offsets = [0]
+        for geometry in self.slots:
+            self.offsets.append(self.offsets[-1] + geometry.width)
+        total = self.offsets[-1]
+        self.prefix_projection = prefix_projection
+        if prefix_projection:
+            width = encoder_hidden_size or hidden_size
+            self.embedding = nn.Embedding(num_virtual_tokens, hidden_size)
+            self.transform = nn.Sequential(nn.Linear(hidden_size, width), nn.Tanh(), nn.Linear(width, total))
+        else:
+            self.embedding = nn.Embedding(num_virtual_tokens, total)
+            self.transform = None
+        self.dropout = nn.Dropout(prefix_dropout)
+        self.init_std = init_std
+        self.reset_parameters()
+        self._cache: torch.Tensor | None = None
+        self._cache_key: tuple | None = None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.transform is None:
+            nn.init.normal_(self.embedding.weight, std=self.init_std)
+            return
+        # P like a token embedding; the first layer keeps PyTorch's default fan-in scaling; the output layer starts
+        # small so the initial prefix keys/values are near zero (attention is not captured before learning).
+        nn.init.normal_(self.embedding.weight, std=1.0)
+        nn.init.normal_(self.transform[2].weight, std=self.init_std / self.transform[2].in_features**0.5)
+        nn.init.zeros_(self.transform[2].bias)
+
+    # ----------------------------------------------------------------------------------------------- computation
+    def forward(self) -> torch.Tensor:
+        """All slots at once, shape (n, total width): one run of the MLP."""
+        if self.transform is None:
+            return self.embedding.weight
+        return self.transform(self.embedding.weight)
+
+    def _slot_rows(self, slot: int) -> torch.Tensor:
+        start, end = self.offsets[slot], self.offsets[slot + 1]
+        if self.transform is None:
+            return self.embedding.weight[:, start:end]
+        hidden = self.transform[1](self.transform[0](self.embedding.weight))
+        out = self.transform[2]
+        return F.linear(hidden, out.weight[start:end], out.bias[start:end])
+
+    def _uses_cache(self) -> bool:
+        if self.training:
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+
+    def _state_key(self) -> tuple:
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+
+    def projected(self) -> torch.Tensor:
+        """The ready-to-serve prefix (n, total width), computed once and cached while the weights stay the same."""
+        key = self._state_key()
+        if self._cache is None or self._cache_key != key:
+            with torch.no_grad():
+                self._cache = self.forward().detach()
+            self._cache_key = key
+        return self._cache
+
+    def slot_key_value(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix keys and values of one layer, each (kv_heads, n, head_dim)."""
+        if self._uses_cache():
+            rows = self.projected()[:, self.offsets[slot] : self.offsets[slot + 1]]
+        else:
+            rows = self.dropout(self._slot_rows(slot))
+        geometry = self.slots[slot]
+        kv = rows.reshape(self.num_virtual_tokens, 2, geometry.num_kv_heads, geometry.head_dim).permute(1, 2, 0, 3)
+        return kv[0], kv[1]
+
+    def all_key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's prefix from one MLP run (used by the ONNX exporter and for inspection)."""
+        with torch.no_grad():
+            rows = self.forward()
+        out = []
+        for slot, geometry in enumerate(self.slots):
+            block = rows[:, self.offsets[slot] : self.offsets[slot + 1]]
+            kv = block.reshape(self.num_virtual_tokens, 2, geometry.num_kv_heads, geometry.head_dim)
+            kv = kv.permute(1, 2, 0, 3)
+            out.append((kv[0], kv[1]))
+        return out
+
+    def train(self, mode: bool = True) -> PrefixEncoder:
+        self._cache = None
+        self._cache_key = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._cache = None
+        self._cache_key = None
+        return super()._apply(fn, recurse)
