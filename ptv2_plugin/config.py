@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -28,7 +27,7 @@ class PTuningV2Config(PeftConfig):
             "False trains free per-layer key/value tensors instead."
         },
     )
-    encoder_hidden_size: Optional[int] = field(
+    encoder_hidden_size: int | None = field(
         default=None, metadata={"help": "Width of the reparameterization MLP; default: the model's hidden size."}
     )
     prefix_dropout: float = field(default=0.0, metadata={"help": "Dropout on the prefix keys/values in training."})
@@ -39,23 +38,23 @@ class PTuningV2Config(PeftConfig):
             "the prefix near zero so attention is not captured by it before it has learned anything."
         },
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Self-attention modules that receive a prefix (names or a regex). Default: the per-architecture "
             "table in ptv2_plugin.architectures."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Modules (names or a regex) never to prefix."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only prefix these layer indices (as in PEFT's LoRA)."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list, used with layers_to_transform."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "Extra modules to train and save; the task head is added per task type by PEFT."},
     )

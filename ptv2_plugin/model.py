@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -64,7 +64,7 @@ class PTuningV2Model(BaseTuner):
             encoder.to(reference.device)
         self.ptv2_prefix_encoder[adapter_name] = encoder
         self._pending_slots = []
-        self._sync_encoder_requires_grad(inference_mode=config.inference_mode)
+        self._sync_encoder_requires_grad()
         if config.shift_position_ids:
             self._ptv2_hooks.append(install_position_shift(model, self, adapter_name))
 
@@ -76,7 +76,7 @@ class PTuningV2Model(BaseTuner):
         target_name: str,
         parent: nn.Module,
         current_key: str,
-        parameter_name: Optional[str] = None,
+        parameter_name: str | None = None,
     ) -> None:
         slot = len(self._pending_slots)
         self._pending_slots.append(kv_geometry(self.model.config))
@@ -89,11 +89,11 @@ class PTuningV2Model(BaseTuner):
         setattr(parent, target_name, new_module)
 
     # ------------------------------------------------------------------------------- adapters and trainability
-    def _sync_encoder_requires_grad(self, inference_mode: bool = False) -> None:
+    def _sync_encoder_requires_grad(self, inference_mode: bool | None = None) -> None:
+        """Active adapters train, others are frozen; ``None`` defers to each adapter's own ``inference_mode``."""
         for name, encoder in self.ptv2_prefix_encoder.items():
-            trainable = name in self.active_adapters and not inference_mode
-            trainable = trainable and not self.peft_config[name].inference_mode
-            encoder.requires_grad_(trainable)
+            frozen = self.peft_config[name].inference_mode if inference_mode is None else inference_mode
+            encoder.requires_grad_(name in self.active_adapters and not frozen)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
@@ -120,11 +120,24 @@ class PTuningV2Model(BaseTuner):
             raise KeyError(f"No P-Tuning v2 adapter named {name!r}; available: {sorted(self.ptv2_prefix_encoder)}.")
         return self.ptv2_prefix_encoder[name]
 
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # Checkpoint keys carry no adapter name, so an adapter saved as "default" loads under any name.
+        # The encoder's parameters sit deeper than PEFT's default rule expects (name is not second to last).
+        marker = f"ptv2_prefix_encoder.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, "ptv2_prefix_encoder.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(
             "P-Tuning v2 adds keys and values, not a weight delta, so it cannot be merged into the base model. "
             "Use unload() to get the base model back, or exporters.onnx.export(...) to serve the adapter."
         )
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # PEFT's version copies .weight/.bias between Linear-like layers; attention modules have neither.
+        setattr(parent, child_name, new_module)
 
     def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
         if merge:
