@@ -187,8 +187,8 @@ def install_projection_hooks(module: nn.Module) -> list:
         )
     if getattr(module, "is_decoder", False):
         raise NotImplementedError(
-            f"{type(module).__name__} is configured as a decoder; on transformers 4.57 P-Tuning v2 supports BERT-family "
-            "models as encoders only. Upgrade to transformers 5 for decoder use."
+            f"{type(module).__name__} is configured as a decoder; on transformers 4.57 P-Tuning v2 supports "
+            "BERT-family models as encoders only. Upgrade to transformers 5 for decoder use."
         )
     return [
         module.key.register_forward_hook(lambda m, a, o: _prepend_projected(m, a, o, 0)),

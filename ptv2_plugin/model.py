@@ -139,10 +139,10 @@ class PTuningV2Model(BaseTuner):
         # PEFT's version copies .weight/.bias between Linear-like layers; attention modules have neither.
         setattr(parent, child_name, new_module)
 
-    def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
         if merge:
             self._check_merge_allowed()
-        model = super()._unload_and_optionally_merge(merge=False, *args, **kwargs)
+        model = super()._unload_and_optionally_merge(merge=False, **kwargs)
         for hook in getattr(self, "_ptv2_hooks", []):
             hook.remove()
         self._ptv2_hooks = []

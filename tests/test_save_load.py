@@ -98,7 +98,8 @@ def test_adapter_file_holds_the_mlp_and_head_without_adapter_names(saved_adapter
     }
     config = json.loads(open(os.path.join(folders["bert"], "adapter", "adapter_config.json")).read())
     assert config["peft_type"] == "P_TUNING_V2" and config["num_virtual_tokens"] == 3
-    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in os.listdir(os.path.join(folders["bert"], "adapter")))
+    files = os.listdir(os.path.join(folders["bert"], "adapter"))
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files), "adapters are safetensors only"
 
 
 def test_peft_config_and_auto_classes_load_our_adapters(saved_adapters):

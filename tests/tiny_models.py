@@ -35,7 +35,7 @@ def tiny_config(arch: str, **overrides):
 
 
 def tiny_model(arch: str, task: str = "auto", seed: int = 0, **overrides) -> torch.nn.Module:
-    """A randomly initialised model in eval mode; ``task`` picks the head (auto: SEQ_CLS encoders, CAUSAL_LM decoders)."""
+    """A randomly initialised model in eval mode; ``task`` picks the head (auto: SEQ_CLS / CAUSAL_LM by family)."""
     if task == "auto":
         task = "SEQ_CLS" if arch in ENCODERS else "CAUSAL_LM"
     config = tiny_config(arch, **overrides)
