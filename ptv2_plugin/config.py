@@ -58,6 +58,15 @@ class PTuningV2Config(PeftConfig):
         default=None,
         metadata={"help": "Extra modules to train and save; the task head is added per task type by PEFT."},
     )
+    prefix_encoder_self_attention: bool = field(
+        default=True, metadata={"help": "Encoder-decoder models: prefix the encoder's self-attention."}
+    )
+    prefix_decoder_self_attention: bool = field(
+        default=True, metadata={"help": "Encoder-decoder models: prefix the decoder's self-attention."}
+    )
+    prefix_cross_attention: bool = field(
+        default=True, metadata={"help": "Encoder-decoder models: prefix the decoder's cross-attention keys/values."}
+    )
     shift_position_ids: bool = field(
         default=False,
         metadata={
@@ -95,5 +104,20 @@ class PTuningV2Config(PeftConfig):
             raise ValueError(f"prefix_init_std must be a positive number, got {self.prefix_init_std!r}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern is only used together with layers_to_transform.")
+        locations = (
+            self.prefix_encoder_self_attention,
+            self.prefix_decoder_self_attention,
+            self.prefix_cross_attention,
+        )
+        if not all(isinstance(flag, bool) for flag in locations):
+            raise TypeError(
+                "prefix_encoder_self_attention, prefix_decoder_self_attention and prefix_cross_attention must be bools."
+            )
+        if not any(locations):
+            raise ValueError("All three prefix locations are switched off: the adapter would do nothing.")
         if isinstance(self.target_modules, str) and not self.target_modules.strip():
             raise ValueError("target_modules must not be an empty string.")
+
+    def prefixes_location(self, location: str) -> bool:
+        """Whether a prefix goes into attention modules at ``location`` (see ptv2_plugin.architectures)."""
+        return bool(getattr(self, f"prefix_{location}"))

@@ -9,6 +9,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .attention import (
+    ROW_ADAPTERS,
     ActivePrefix,
     PrefixedAttentionConfig,
     active_prefix,
@@ -17,6 +18,8 @@ from .attention import (
     install_projection_hooks,
     widen_mask_argument,
 )
+
+BASE_ROW = "__base__"  # adapter name of mixed-batch rows that run the base model, as in PEFT's LoRA
 
 
 class PTuningV2Layer(nn.Module, BaseTunerLayer):
@@ -49,28 +52,54 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, slot: int) -> None:
         self.ptv2_slot[adapter_name] = slot
 
+    def _key_value(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if name not in self.ptv2_slot or name not in self.__dict__["_encoders"]:
+            return None  # this adapter does not prefix this layer (e.g. other layers_to_transform)
+        return self.__dict__["_encoders"][name].slot_key_value(self.ptv2_slot[name])
+
     def prefix(self, adapter_names: list[str]) -> ActivePrefix | None:
         """Keys/values of the given adapters, concatenated along the prefix axis, shaped (1, kv_heads, n, head_dim)."""
-        parts = [
-            self.__dict__["_encoders"][name].slot_key_value(self.ptv2_slot[name])
-            for name in adapter_names
-            if name in self.ptv2_slot and name in self.__dict__["_encoders"]
-        ]
+        parts = [kv for kv in map(self._key_value, adapter_names) if kv is not None]
         if not parts:
             return None
-        if len(parts) == 1:
-            key, value = parts[0]
-        else:
-            key = torch.cat([k for k, _ in parts], dim=1)
-            value = torch.cat([v for _, v in parts], dim=1)
+        key = torch.cat([k for k, _ in parts], dim=1)
+        value = torch.cat([v for _, v in parts], dim=1)
         return ActivePrefix(key.unsqueeze(0), value.unsqueeze(0))
 
+    def row_prefix(self, row_adapters: list[str]) -> ActivePrefix | None:
+        """Mixed-adapter batch: row i gets the prefix of ``row_adapters[i]`` ("__base__": none).
+
+        Prefixes are padded to the longest; the padding and base rows are hidden through ``visible``, so each row
+        computes exactly what its adapter alone would, and backward reaches only the adapters named in the batch.
+        """
+        names = [name for name in dict.fromkeys(row_adapters) if name != BASE_ROW]
+        parts = {name: kv for name in names if (kv := self._key_value(name)) is not None}
+        if not parts:
+            return None
+        n = max(k.shape[1] for k, _ in parts.values())
+        heads, head_dim = next(iter(parts.values()))[0].shape[::2]
+        reference = next(iter(parts.values()))[0]
+        empty = reference.new_zeros(heads, n, head_dim)
+        keys, values, visible = [empty], [empty], [torch.zeros(n, dtype=torch.bool, device=reference.device)]
+        table_index = {}
+        for name, (key, value) in parts.items():
+            pad = n - key.shape[1]
+            keys.append(torch.nn.functional.pad(key, (0, 0, 0, pad)))
+            values.append(torch.nn.functional.pad(value, (0, 0, 0, pad)))
+            visible.append(torch.arange(n, device=reference.device) < key.shape[1])
+            table_index[name] = len(keys) - 1
+        rows = torch.tensor([table_index.get(name, 0) for name in row_adapters], device=reference.device)
+        return ActivePrefix(torch.stack(keys)[rows], torch.stack(values)[rows], torch.stack(visible)[rows])
+
     def forward(self, *args: Any, **kwargs: Any):
-        prefix = None if self.disable_adapters else self.prefix(self.active_adapters)
+        if self.disable_adapters:
+            return self.base_layer(*args, **kwargs)
+        row_adapters = ROW_ADAPTERS.get()
+        prefix = self.prefix(self.active_adapters) if row_adapters is None else self.row_prefix(row_adapters)
         if prefix is None:
             return self.base_layer(*args, **kwargs)
         if self.injection == "projection":
-            args, kwargs = widen_mask_argument(args, kwargs, prefix.length)
+            args, kwargs = widen_mask_argument(args, kwargs, prefix)
         with active_prefix(prefix):
             return self.base_layer(*args, **kwargs)
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
-from .architectures import KVGeometry, default_target_modules, kv_geometry
-from .attention import register_attention_function
+from .architectures import KVGeometry, attention_location, default_target_modules, kv_geometry
+from .attention import ROW_ADAPTERS, register_attention_function
 from .config import PTuningV2Config
-from .layer import PTuningV2Layer
+from .layer import BASE_ROW, PTuningV2Layer
 from .positions import install_position_shift
 from .prefix_encoder import PrefixEncoder
 
@@ -37,6 +39,33 @@ class PTuningV2Model(BaseTuner):
         if peft_config.target_modules is None:
             peft_config.target_modules = set(default_target_modules(model_config.get("model_type")))
         return peft_config
+
+    def _check_target_module_exists(self, peft_config: PTuningV2Config, key: str):
+        matched = check_target_module_exists(peft_config, key)
+        if matched and getattr(self.model.config, "is_encoder_decoder", False):
+            return matched if peft_config.prefixes_location(attention_location(key)) else False
+        return matched
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """``model(**batch, adapter_names=[...])``: one adapter name per row ("__base__" for none)."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+            raise TypeError("adapter_names must be a list with one adapter name (a string) per row.")
+        unknown = sorted({name for name in adapter_names if name != BASE_ROW and name not in self.peft_config})
+        if unknown:
+            raise ValueError(
+                f"adapter_names has unknown adapters {unknown}; available: {sorted(self.peft_config)} and "
+                f"{BASE_ROW!r} for rows without an adapter."
+            )
+        token = ROW_ADAPTERS.set(list(adapter_names))
+        try:
+            yield
+        finally:
+            ROW_ADAPTERS.reset(token)
 
     def _check_new_adapter_config(self, config: PTuningV2Config) -> None:
         super()._check_new_adapter_config(config)
@@ -79,7 +108,7 @@ class PTuningV2Model(BaseTuner):
         parameter_name: str | None = None,
     ) -> None:
         slot = len(self._pending_slots)
-        self._pending_slots.append(kv_geometry(self.model.config))
+        self._pending_slots.append(kv_geometry(getattr(target, "base_layer", target), self.model.config))
         if isinstance(target, PTuningV2Layer):
             target.update_layer(adapter_name, slot)
             return
