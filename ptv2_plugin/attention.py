@@ -279,12 +279,13 @@ def widen_mask_argument(args: tuple, kwargs: dict, prefix: ActivePrefix) -> tupl
     some rows must not see part of the prefix.
     """
     n = prefix.length
+    hidden = args[0] if args else kwargs["hidden_states"]
+    prefix.check_batch(hidden.shape[0])
     in_kwargs = "attention_mask" in kwargs
     mask = kwargs["attention_mask"] if in_kwargs else (args[1] if len(args) > 1 else None)
     if mask is not None:
         mask = widen_mask(mask, n, prefix.visible)
     elif prefix.visible is not None:
-        hidden = args[0] if args else kwargs["hidden_states"]
         real = torch.zeros(1, 1, 1, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
         mask = widen_mask(real, n, prefix.visible)
     else:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from .architectures import KVGeometry, attention_location, default_target_modules, kv_geometry
@@ -61,11 +62,17 @@ class PTuningV2Model(BaseTuner):
                 f"adapter_names has unknown adapters {unknown}; available: {sorted(self.peft_config)} and "
                 f"{BASE_ROW!r} for rows without an adapter."
             )
+        # Task heads (modules_to_save) run per row too: each row through its adapter's copy of the head.
+        heads = [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
+        for head in heads:
+            head.forward = _row_wise_head(head, list(adapter_names))
         token = ROW_ADAPTERS.set(list(adapter_names))
         try:
             yield
         finally:
             ROW_ADAPTERS.reset(token)
+            for head in heads:
+                head.__dict__.pop("forward", None)
 
     def _check_new_adapter_config(self, config: PTuningV2Config) -> None:
         super()._check_new_adapter_config(config)
@@ -178,6 +185,28 @@ class PTuningV2Model(BaseTuner):
         return model
 
 
+def _row_wise_head(wrapper: ModulesToSaveWrapper, adapter_names: list[str]):
+    """Forward of a task head for a mixed batch. PEFT's own mixed-batch head only takes single layers; this one
+    takes any head (e.g. RoBERTa's two-layer classifier) by running each adapter's copy on its rows."""
+
+    def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if len(hidden) != len(adapter_names):
+            raise ValueError(
+                f"adapter_names names {len(adapter_names)} rows but the batch has {len(hidden)}; pass one adapter "
+                "name per row."
+            )
+        order, outputs = [], []
+        for name in dict.fromkeys(adapter_names):
+            rows = [i for i, row_name in enumerate(adapter_names) if row_name == name]
+            head = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
+            outputs.append(head(hidden[rows], *args, **kwargs))
+            order.extend(rows)
+        inverse = torch.argsort(torch.tensor(order, device=hidden.device))
+        return torch.cat(outputs)[inverse]
+
+    return forward
+
+
 def _install_checkpointing_input_grads(model: nn.Module):
     """Make reentrant gradient checkpointing train the prefix on a frozen model.
 
@@ -199,8 +228,12 @@ def _install_checkpointing_input_grads(model: nn.Module):
 
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is None:
-        return _NoHook()
-    return embeddings.register_forward_hook(hook)
+        return _HookGroup([])
+    # Encoder-decoder models may look tokens up through per-stack copies that share the weight (BART on 4.57).
+    weight = getattr(embeddings, "weight", None)
+    shared = [m for m in model.modules() if weight is not None and getattr(m, "weight", None) is weight]
+    shared = [m for m in shared if m is not embeddings]
+    return _HookGroup([module.register_forward_hook(hook) for module in [embeddings, *shared]])
 
 
 def _checkpointing_enabled(model: nn.Module) -> bool:
@@ -210,7 +243,13 @@ def _checkpointing_enabled(model: nn.Module) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
-class _NoHook:
+class _HookGroup:
+    """Several hook handles removed together."""
+
+    def __init__(self, handles: list) -> None:
+        self.handles = handles
+
     def remove(self) -> None:
-        pass
+        for handle in self.handles:
+            handle.remove()
 
