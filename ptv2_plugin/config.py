@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
@@ -117,6 +118,15 @@ class PTuningV2Config(PeftConfig):
             raise ValueError("All three prefix locations are switched off: the adapter would do nothing.")
         if isinstance(self.target_modules, str) and not self.target_modules.strip():
             raise ValueError("target_modules must not be an empty string.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """As PEFT's, but refuses adapter folders whose weights exist only as a pickle."""
+        from .persistence import refuse_pickled_weights
+
+        folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        refuse_pickled_weights(folder)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     def prefixes_location(self, location: str) -> bool:
         """Whether a prefix goes into attention modules at ``location`` (see ptv2_plugin.architectures)."""

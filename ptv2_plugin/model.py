@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,9 +15,13 @@ from torch import nn
 from .architectures import KVGeometry, attention_location, default_target_modules, kv_geometry
 from .attention import ROW_ADAPTERS, register_attention_function
 from .config import PTuningV2Config
+from .input_checks import check_forward_inputs, tracing
 from .layer import BASE_ROW, PTuningV2Layer
+from .persistence import check_adapter_shapes
 from .positions import install_position_shift
 from .prefix_encoder import PrefixEncoder
+
+logger = logging.getLogger(__name__)
 
 
 class PTuningV2Model(BaseTuner):
@@ -34,7 +39,23 @@ class PTuningV2Model(BaseTuner):
         register_attention_function()
         if "ptv2_prefix_encoder" not in self._modules:
             self.ptv2_prefix_encoder = nn.ModuleDict()
-            self._ptv2_hooks: list = [_install_checkpointing_input_grads(model)]
+            self._ptv2_hooks: list = [
+                _install_checkpointing_input_grads(model),
+                model.register_forward_pre_hook(self._check_inputs, with_kwargs=True),
+            ]
+
+    def _check_inputs(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if tracing() or not self.active_adapters:
+            return
+        active = [self.peft_config[name] for name in self.active_adapters if name in self.peft_config]
+        shift = sum(c.num_virtual_tokens for c in active if c.shift_position_ids)
+        check_forward_inputs(module, kwargs, shift)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_shapes(model.state_dict(), remapped)
+        return remapped
 
     def _prepare_adapter_config(self, peft_config: PTuningV2Config, model_config: dict) -> PTuningV2Config:
         if peft_config.target_modules is None:
@@ -165,6 +186,18 @@ class PTuningV2Model(BaseTuner):
             return key.replace(marker, "ptv2_prefix_encoder.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
+    # ------------------------------------------------------------------------------------ gradient checkpointing
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any):
+        """The transformers entry point (Trainer on 4.57), with reentrant checkpointing made safe under DDP."""
+        reentrant_default = not hasattr(type(self.model), "activation_checkpointing_enable")  # 4.57: reentrant
+        safe = _ddp_safe_checkpointing_kwargs(gradient_checkpointing_kwargs, reentrant_default)
+        return self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=safe, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any):
+        """transformers 5's entry point (non-reentrant unless asked), made safe under DDP the same way."""
+        safe = _ddp_safe_checkpointing_kwargs(activation_checkpointing_kwargs, reentrant_default=False)
+        return self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=safe, **kwargs)
+
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(
             "P-Tuning v2 adds keys and values, not a weight delta, so it cannot be merged into the base model. "
@@ -234,6 +267,24 @@ def _install_checkpointing_input_grads(model: nn.Module):
     shared = [m for m in model.modules() if weight is not None and getattr(m, "weight", None) is weight]
     shared = [m for m in shared if m is not embeddings]
     return _HookGroup([module.register_forward_hook(hook) for module in [embeddings, *shared]])
+
+
+def _ddp_safe_checkpointing_kwargs(kwargs: dict | None, reentrant_default: bool) -> dict | None:
+    """Switch reentrant checkpointing to non-reentrant when several processes train together.
+
+    Every layer computes its slot from the same encoder parameters, so reentrant checkpointing fires their gradient
+    hooks once per layer; DDP (without static_graph) all-reduces after the first and the replicas silently drift
+    apart. Non-reentrant checkpointing computes the same gradients and fires each hook once.
+    """
+    reentrant = (kwargs or {}).get("use_reentrant", reentrant_default)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not reentrant or not distributed or torch.distributed.get_world_size() < 2:
+        return kwargs
+    logger.warning(
+        "P-Tuning v2 under distributed training: using non-reentrant gradient checkpointing (use_reentrant=False); "
+        "reentrant checkpointing would desynchronise the replicas' shared prefix encoder."
+    )
+    return {**(kwargs or {}), "use_reentrant": False}
 
 
 def _checkpointing_enabled(model: nn.Module) -> bool:

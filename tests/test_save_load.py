@@ -139,5 +139,6 @@ def test_loading_with_a_different_prefix_length_fails_loudly(saved_adapters, tmp
     from transformers import AutoModelForSequenceClassification
 
     base = AutoModelForSequenceClassification.from_pretrained(os.path.join(folders["bert"], "base"))
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    expected = r"does not fit the base model: embedding.weight: adapter \(3, 32\), model \(7, 32\)"
+    with pytest.raises(ValueError, match=expected):
         PeftModel.from_pretrained(base, str(tmp_path))
