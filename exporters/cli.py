@@ -1,0 +1,79 @@
+"""``ptv2-export``: export a base model plus a P-Tuning v2 adapter to ONNX, like ``optimum-cli export onnx``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ptv2-export",
+        description="Export a model with a P-Tuning v2 adapter to ONNX: the prefix is frozen into the graph as "
+        "constant keys/values, so serving needs neither PEFT nor the prefix MLP.",
+    )
+    parser.add_argument("--model", required=True, help="Base model folder (or hub id when online).")
+    parser.add_argument("--adapter", required=True, help="Folder of the saved P-Tuning v2 adapter.")
+    parser.add_argument("--output", required=True, help="Output folder (created atomically).")
+    parser.add_argument("--task", default=None,
+                        help="SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION or CAUSAL_LM (or Optimum's "
+                        "names, e.g. text-classification). Default: the adapter's task_type.")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17).")
+    parser.add_argument("--device", default="cpu", help="Device to trace on: cpu or cuda (float16 wants cuda).")
+    parser.add_argument("--no-past", dest="with_past", action="store_false", default=None,
+                        help="Decoders: export without KV-cache inputs/outputs.")
+    parser.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
+                        help="Compare PyTorch and ONNX Runtime after export and fail above --atol (default: on).")
+    parser.add_argument("--atol", type=float, default=None, help="Parity tolerance (default 1e-4; 2e-2 for float16).")
+    parser.add_argument("--force", action="store_true", help="Replace a non-empty output folder.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .onnx import ExportValidationError, export
+
+    started = time.monotonic()
+
+    def progress(message: str) -> None:
+        print(f"[ptv2-export {time.monotonic() - started:6.1f}s] {message}", flush=True)
+
+    try:
+        output = export(
+            args.adapter, args.output, base_model=args.model, task=args.task, opset=args.opset, dtype=args.dtype,
+            with_past=args.with_past, device=args.device, validate=args.validate, atol=args.atol, force=args.force,
+            progress=progress,
+        )
+    except ExportValidationError as error:
+        print(f"ptv2-export: validation failed: {error}", file=sys.stderr)
+        return 2
+    except (FileExistsError, FileNotFoundError, ValueError, TypeError, NotImplementedError) as error:
+        print(f"ptv2-export: error: {error}", file=sys.stderr)
+        return 1
+    _print_report(output)
+    return 0
+
+
+def _print_report(output: Path) -> None:
+    import json
+
+    from .onnx.layout import METADATA_FILE_NAME
+
+    metadata = json.loads((output / METADATA_FILE_NAME).read_text())
+    parity = metadata.get("parity")
+    print(f"Exported {metadata['model_type']} / {metadata['task']} (adapters {', '.join(metadata['adapters'])}, "
+          f"{metadata['num_virtual_tokens']} virtual tokens, {metadata['dtype']}) to {output}")
+    if parity:
+        verdict = "OK" if parity["ok"] else "FAILED"
+        print(f"Parity report: max abs diff {parity['max_abs_diff']:.3g} over {parity['cases']} comparisons "
+              f"on {parity['provider']} (atol {parity['atol']:g}) -> {verdict}")
+    else:
+        print("Parity report: validation skipped (--no-validate).")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

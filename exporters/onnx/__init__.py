@@ -1,0 +1,30 @@
+"""ONNX export of P-Tuning v2 models (prefix frozen into the graph) and ONNX Runtime models to serve them."""
+
+from .export import ExportValidationError, export
+from .layout import METADATA_FILE_NAME, ONNX_FILE_NAME, PREFIX_INITIALIZER
+from .runtime import (
+    ORTModel,
+    ORTModelForCausalLM,
+    ORTModelForFeatureExtraction,
+    ORTModelForQuestionAnswering,
+    ORTModelForSequenceClassification,
+    ORTModelForTokenClassification,
+    create_session,
+    load,
+)
+
+__all__ = [
+    "METADATA_FILE_NAME",
+    "ONNX_FILE_NAME",
+    "PREFIX_INITIALIZER",
+    "ExportValidationError",
+    "ORTModel",
+    "ORTModelForCausalLM",
+    "ORTModelForFeatureExtraction",
+    "ORTModelForQuestionAnswering",
+    "ORTModelForSequenceClassification",
+    "ORTModelForTokenClassification",
+    "create_session",
+    "export",
+    "load",
+]

@@ -1,0 +1,470 @@
+"""Export a P-Tuning v2 model to one self-contained ONNX graph.
+
+Exporter choice: the TorchScript tracer (``torch.onnx.export(..., dynamo=False)``), as optimum-onnx does. The prefix
+reaches attention through plain Python (a ContextVar, a config view, forward hooks) that the tracer simply runs,
+on both transformers lanes and for encoders as well as decoders with a ``DynamicCache``; torch.export (the dynamo
+exporter) has to capture all of that symbolically and, on transformers 4.5x, trips over the vmap-based masks and the
+cache classes. The tracer records shapes as ops, so one trace serves every batch size, length and past length,
+including an empty past. Known price: data-dependent Python branches are baked in, which is why sample inputs
+contain a padded row (no "all ones" shortcut gets recorded) and why 4.5x masks are swapped for broadcast ones.
+
+The prefix becomes constant initializers ``ptv2.prefix.{slot}.key/value`` (exactly
+``prefix_encoder.all_key_values()``): the layers read it from extra traced inputs, which are turned into
+initializers after export, so no prefix input and no MLP weight remains.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import layout as L
+from .tracing import eval_mode, prefix_from_feed, traceable_masks
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+DEFAULT_ATOL = {torch.float32: 1e-4, torch.float16: 2e-2}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "chat_template.jinja",
+)
+_AUTO_CLASSES = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+}
+
+
+class ExportValidationError(RuntimeError):
+    """ONNX Runtime and PyTorch disagree beyond tolerance; nothing was written."""
+
+
+# ------------------------------------------------------------------------------------------------ public entry
+def export(
+    model: Any,
+    output_dir: str | os.PathLike,
+    *,
+    base_model: Any = None,
+    task: str | None = None,
+    opset: int | None = None,
+    dtype: str = "float32",
+    with_past: bool | None = None,
+    device: str = "cpu",
+    adapter_name: str | None = None,
+    adapters: Sequence[str] | None = None,
+    validate: bool = True,
+    atol: float | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write ``model.onnx`` (prefix frozen in), ``config.json``, tokenizer files and ``ptv2_export.json``.
+
+    ``model`` is a ``PeftModel`` with a P-Tuning v2 adapter, or the path of a saved adapter (then ``base_model`` is
+    the base model or its path; default: the adapter config's ``base_model_name_or_path``). ``adapters`` exports
+    several adapters into one graph with an ``adapter_ids`` input selecting each row's prefix. The folder appears
+    atomically, only after the export (and, with ``validate``, the parity check) succeeded.
+    """
+    say = progress or logger.info
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir, force)
+    torch_dtype = _parse_dtype(dtype)
+    opset = int(opset or L.DEFAULT_OPSET)
+    peft_model, source_dirs = _resolve_model(model, base_model, task, say)
+    task = _resolve_task(peft_model, task)
+    names = _resolve_adapters(peft_model, adapter_name, adapters)
+    multi = adapters is not None
+    if with_past is None:
+        with_past = task == "CAUSAL_LM"
+    if with_past and task != "CAUSAL_LM":
+        raise ValueError(f"with_past=True needs task CAUSAL_LM, got {task}.")
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        say(f"Preparing {type(peft_model.base_model.model).__name__} ({task}, adapters {names}, {dtype}, {device})")
+        work = _working_copy(peft_model, torch.device(device))
+        inner = work.base_model.model
+        graph = build_layout(inner.config, task, with_past)
+        prefix = _frozen_prefix(peft_model, names)
+        onnx_path = staging / L.ONNX_FILE_NAME
+        say(f"Tracing with torch.onnx (TorchScript exporter, opset {opset})")
+        traced = staging / "trace" / L.ONNX_FILE_NAME
+        traced.parent.mkdir()
+        _trace(inner, graph, prefix, names, multi, traced, opset, torch.device(device))
+        _finalize_graph(traced, onnx_path, prefix, torch_dtype)
+        shutil.rmtree(traced.parent)
+        say(f"Wrote {onnx_path.name}: prefix stored as {2 * len(prefix)} initializers, no prefix inputs")
+
+        inner.config.save_pretrained(staging)
+        if task == "CAUSAL_LM" and getattr(inner, "generation_config", None) is not None:
+            inner.generation_config.save_pretrained(staging)
+        copied = _copy_tokenizer(source_dirs, staging)
+        if copied:
+            say(f"Copied tokenizer files: {', '.join(copied)}")
+
+        metadata = _metadata(peft_model, names, multi, task, graph, opset, dtype, torch.device(device))
+        metadata_path = staging / L.METADATA_FILE_NAME
+        metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
+        if validate:
+            from .validate import check_parity
+
+            provider = "CUDAExecutionProvider" if torch.device(device).type == "cuda" else "CPUExecutionProvider"
+            tolerance = atol if atol is not None else DEFAULT_ATOL[torch_dtype]
+            say(f"Validating against PyTorch on {provider} (atol {tolerance:g})")
+            with eval_mode(work):
+                report = check_parity(work, staging, names if multi else None, provider=provider, atol=tolerance)
+            metadata["parity"] = report.as_dict()
+            for line in report.lines():
+                say(line)
+            if not report.ok:
+                raise ExportValidationError(
+                    f"ONNX Runtime output differs from PyTorch by {report.max_abs_diff:.3g} > atol {tolerance:g} "
+                    f"(worst case: {report.worst}). The export was discarded."
+                )
+            metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
+        _move_into_place(staging, output_dir, force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    say(f"Export done: {output_dir}")
+    return output_dir
+
+
+# ------------------------------------------------------------------------------------------------ resolution
+def _parse_dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if str(dtype) in DTYPES:
+        return DTYPES[str(dtype)]
+    raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}.")
+
+
+def _check_output_dir(output_dir: Path, force: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"Output path {output_dir} exists and is not a folder.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
+        raise FileExistsError(f"Output folder {output_dir} is not empty; pass force=True (--force) to replace it.")
+
+
+def _resolve_model(model: Any, base_model: Any, task: str | None, say) -> tuple[Any, list[Path]]:
+    """A PeftModel plus the folders that may hold tokenizer files (adapter folder first, then base folder)."""
+    from peft import PeftConfig, PeftModel
+
+    import ptv2_plugin  # noqa: F401  (registers the PEFT method before any adapter is loaded)
+
+    if isinstance(model, PeftModel):
+        dirs = [model.peft_config[model.active_adapter].base_model_name_or_path]
+        return model, [Path(d) for d in dirs if d and Path(d).is_dir()]
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"export() takes a PeftModel or the path of a saved adapter, got {type(model).__name__}. "
+            "Wrap a plain transformers model with peft.get_peft_model(model, PTuningV2Config(...)) first."
+        )
+    adapter_dir = Path(model)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not an adapter folder (no adapter_config.json).")
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    resolved_task = L.normalize_task(task) or L.normalize_task(getattr(config, "task_type", None))
+    if resolved_task is None:
+        raise ValueError(f"The adapter in {adapter_dir} has no task_type; pass task=... (e.g. 'SEQ_CLS').")
+    dirs = [adapter_dir]
+    if base_model is None:
+        base_model = config.base_model_name_or_path
+        if not base_model:
+            raise ValueError(f"The adapter in {adapter_dir} does not name its base model; pass base_model=...")
+    if isinstance(base_model, (str, os.PathLike)):
+        import transformers
+
+        say(f"Loading base model {base_model} ({_AUTO_CLASSES[resolved_task]})")
+        auto = getattr(transformers, _AUTO_CLASSES[resolved_task])
+        if Path(base_model).is_dir():
+            dirs.append(Path(base_model))
+        base_model = auto.from_pretrained(str(base_model))
+    say(f"Loading adapter {adapter_dir}")
+    peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir))
+    return peft_model.eval(), dirs
+
+
+def _resolve_task(peft_model, task: str | None) -> str:
+    configured = L.normalize_task(getattr(peft_model.peft_config[peft_model.active_adapter], "task_type", None))
+    task = L.normalize_task(task) or configured
+    if task is None:
+        raise ValueError("Cannot tell the task of this model; pass task=... (e.g. 'SEQ_CLS' or 'CAUSAL_LM').")
+    if configured is not None and task != configured:
+        raise ValueError(f"task={task} does not match the adapter's task_type {configured}.")
+    return task
+
+
+def _resolve_adapters(peft_model, adapter_name: str | None, adapters: Sequence[str] | None) -> list[str]:
+    from ptv2_plugin.registration import PEFT_TYPE_NAME
+
+    if adapters is not None and adapter_name is not None:
+        raise ValueError("Pass adapter_name (one adapter) or adapters (several), not both.")
+    names = list(adapters) if adapters is not None else [adapter_name or peft_model.active_adapter]
+    if not names:
+        raise ValueError("adapters must name at least one adapter.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapters contains duplicates: {names}.")
+    for name in names:
+        config = peft_model.peft_config.get(name)
+        if config is None:
+            raise ValueError(f"No adapter named {name!r}; available: {sorted(peft_model.peft_config)}.")
+        if str(config.peft_type) != PEFT_TYPE_NAME and getattr(config.peft_type, "value", None) != PEFT_TYPE_NAME:
+            raise ValueError(f"Adapter {name!r} is a {config.peft_type} adapter; only P-Tuning v2 can be exported.")
+    lengths = {peft_model.peft_config[n].num_virtual_tokens for n in names}
+    if len(lengths) > 1:
+        raise ValueError(f"Adapters {names} have different num_virtual_tokens {sorted(lengths)}; one graph needs one.")
+    return names
+
+
+def _working_copy(peft_model, device: torch.device):
+    """The model to trace, in float32: the caller's own when nothing changes, else a copy (theirs stays intact).
+
+    float16 graphs are converted from the float32 trace (ONNX Runtime's converter keeps precision-sensitive ops in
+    float32); tracing a half-precision model records dtype casts that differ between PyTorch kernels and versions.
+    """
+    reference = next(peft_model.parameters())
+    if reference.dtype == torch.float32 and reference.device == device:
+        return peft_model
+    return copy.deepcopy(peft_model).to(device=device, dtype=torch.float32)
+
+
+def build_layout(config, task: str, with_past: bool) -> L.GraphLayout:
+    if task == "CAUSAL_LM":
+        return L.decoder_layout(_num_layers(config), with_past)
+    return L.encoder_layout(task, config.model_type, getattr(config, "type_vocab_size", None))
+
+
+def _num_layers(config) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.num_hidden_layers)
+
+
+def _frozen_prefix(peft_model, names: list[str]) -> dict[str, torch.Tensor]:
+    """Initializer name -> tensor; with several adapters each slot stacks them along a new first axis."""
+    per_adapter = [peft_model.base_model.prefix_encoder(name).all_key_values() for name in names]
+    slots = {len(kv) for kv in per_adapter}
+    if len(slots) > 1:
+        raise ValueError(f"Adapters {names} prefix different numbers of layers; one graph needs the same layers.")
+    prefix = {}
+    for slot in range(len(per_adapter[0])):
+        for index, kind in enumerate(("key", "value")):
+            tensors = [kv[slot][index].detach().to("cpu", torch.float32) for kv in per_adapter]
+            tensor = tensors[0] if len(names) == 1 else torch.stack(tensors)
+            prefix[L.PREFIX_INITIALIZER.format(slot=slot, kind=kind)] = tensor.contiguous()
+    return prefix
+
+
+# --------------------------------------------------------------------------------------------------- tracing
+class _ExportWrapper(nn.Module):
+    """Positional graph inputs -> model call -> flat outputs; the prefix arrives as trailing inputs."""
+
+    def __init__(self, model: nn.Module, graph: L.GraphLayout, feed, multi: bool, num_slots: int) -> None:
+        super().__init__()
+        self.model = model
+        self.graph = graph
+        self.feed = feed
+        self.multi = multi
+        self.num_slots = num_slots
+
+    def forward(self, *args: torch.Tensor):
+        graph = self.graph
+        inputs = dict(zip(graph.inputs, args))
+        rest = list(args[len(graph.inputs) :])
+        if self.multi:
+            self.feed.adapter_ids = rest.pop(0)
+        self.feed.keys, self.feed.values = rest[0::2], rest[1::2]
+        past = [inputs.pop(name) for name in graph.past_names]
+        if graph.task == "CAUSAL_LM":
+            inputs["use_cache"] = graph.with_past
+            if graph.with_past:
+                inputs["past_key_values"] = _dynamic_cache(past, self.model.config)
+        out = self.model(**inputs, return_dict=True)
+        flat = [getattr(out, name) for name in graph.outputs if not name.startswith("present.")]
+        if graph.with_past:
+            flat.extend(flatten_cache(out.past_key_values))
+        return tuple(flat)
+
+
+def _dynamic_cache(flat: list[torch.Tensor], config):
+    from transformers import DynamicCache
+
+    pairs = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+    return DynamicCache(pairs, config=config)
+
+
+def flatten_cache(cache) -> list[torch.Tensor]:
+    if hasattr(cache, "layers"):
+        return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    if hasattr(cache, "key_cache"):
+        return [t for pair in zip(cache.key_cache, cache.value_cache) for t in pair]
+    return [t for pair in cache for t in pair[:2]]
+
+
+def sample_inputs(config, graph: L.GraphLayout, *, batch: int = 2, length: int = 5, past: int = 3,
+                  kv_shape: tuple[int, int] | None = None, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Inputs in the graph's layout with the last row padded (right for encoders, left for decoders)."""
+    vocab = int(config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size)
+    low = min(3, vocab - 1)
+    ids = torch.randint(low, vocab, (batch, length), generator=generator)
+    inputs: dict[str, torch.Tensor] = {"input_ids": ids}
+    total = past + length if graph.with_past else length
+    mask = torch.ones(batch, total, dtype=torch.long)
+    if batch > 1 and length > 1:
+        if graph.task == "CAUSAL_LM":
+            mask[-1, :1] = 0
+        else:
+            mask[-1, -1:] = 0
+    inputs["attention_mask"] = mask
+    if "token_type_ids" in graph.inputs:
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+    if "position_ids" in graph.inputs:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs["position_ids"] = positions[:, -length:]
+    if graph.with_past:
+        heads, head_dim = kv_shape
+        for name in graph.past_names:
+            inputs[name] = torch.randn(batch, heads, past, head_dim, generator=generator).to(dtype)
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def _kv_shape(model: nn.Module, device: torch.device) -> tuple[int, int]:
+    """(kv_heads, head_dim) of the cache, read from one real step so every architecture's own rules apply."""
+    with torch.no_grad():
+        out = model(input_ids=torch.full((1, 1), 3, device=device), use_cache=True, return_dict=True)
+    first = flatten_cache(out.past_key_values)[0]
+    return int(first.shape[1]), int(first.shape[3])
+
+
+def _trace(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.Tensor], names: list[str], multi: bool,
+           path: Path, opset: int, device: torch.device) -> None:
+    dtype = next(inner.parameters()).dtype
+    generator = torch.Generator().manual_seed(0)
+    kv_shape = _kv_shape(inner, device) if graph.with_past else None
+    example = sample_inputs(inner.config, graph, kv_shape=kv_shape, device=device, dtype=dtype, generator=generator)
+    args = [example[name] for name in graph.inputs]
+    input_names = list(graph.inputs)
+    dynamic_axes = dict(graph.dynamic_axes)
+    if multi:
+        args.append(torch.arange(example["input_ids"].shape[0], device=device) % len(names))
+        input_names.append(L.ADAPTER_IDS_INPUT)
+        dynamic_axes[L.ADAPTER_IDS_INPUT] = {0: "batch_size"}
+    args.extend(t.to(device) for t in prefix.values())
+    input_names.extend(prefix)
+    with prefix_from_feed(inner, names) as feed, traceable_masks(), eval_mode(inner), torch.no_grad(), \
+            warnings.catch_warnings():
+        # Shape-dependent Python branches the tracer warns about are covered by the parity check across shapes.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        wrapper = _ExportWrapper(inner, graph, feed, multi, len(prefix) // 2).eval()
+        torch.onnx.export(
+            wrapper, tuple(args), str(path), dynamo=False, opset_version=opset, input_names=input_names,
+            output_names=graph.outputs, dynamic_axes=dynamic_axes, do_constant_folding=True,
+        )
+
+
+def _finalize_graph(traced: Path, path: Path, prefix: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Turn the traced prefix inputs into initializers holding exactly the exported prefix; convert to float16."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(traced))
+    present = {i.name for i in proto.graph.input}
+    missing = [name for name in prefix if name not in present]
+    if missing:
+        raise RuntimeError(f"The traced graph lost prefix inputs {missing}; the prefix never reached attention.")
+    kept = [i for i in proto.graph.input if i.name not in prefix]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    for name, tensor in prefix.items():
+        proto.graph.initializer.append(numpy_helper.from_array(tensor.cpu().numpy(), name))
+    external = sum(len(t.raw_data) for t in proto.graph.initializer) > 1_800_000_000  # protobuf caps at 2 GB
+    if dtype == torch.float16:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        proto = convert_float_to_float16(proto, keep_io_types=False, disable_shape_infer=external)
+    onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=path.name + "_data" if external else None)
+    onnx.checker.check_model(str(path))
+
+
+# ------------------------------------------------------------------------------------------- folder contents
+def _copy_tokenizer(source_dirs: list[Path], target: Path) -> list[str]:
+    for folder in source_dirs:
+        found = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+        if found:
+            for name in found:
+                shutil.copy2(folder / name, target / name)
+            return found
+    return []
+
+
+def _metadata(peft_model, names, multi, task, graph, opset, dtype, device) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import peft
+    import transformers
+
+    import ptv2_plugin
+
+    first = peft_model.peft_config[names[0]]
+    return {
+        "format": "ptv2-onnx/1",
+        "task": task,
+        "optimum_task": L.OPTIMUM_TASK[task] + ("-with-past" if graph.with_past else ""),
+        "model_type": peft_model.base_model.model.config.model_type,
+        "adapters": names,
+        "multi_adapter": multi,
+        "adapter_ids_input": L.ADAPTER_IDS_INPUT if multi else None,
+        "num_virtual_tokens": first.num_virtual_tokens,
+        "base_model_name_or_path": first.base_model_name_or_path,
+        "dtype": dtype if isinstance(dtype, str) else str(dtype).replace("torch.", ""),
+        "opset": opset,
+        "with_past": graph.with_past,
+        "inputs": graph.inputs + ([L.ADAPTER_IDS_INPUT] if multi else []),
+        "outputs": graph.outputs,
+        "exported_on": str(device),
+        "versions": {
+            "ptv2_plugin": ptv2_plugin.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
+        "parity": None,
+    }
+
+
+def _move_into_place(staging: Path, output_dir: Path, force: bool) -> None:
+    """Rename the finished folder into place; a replaced folder is removed only after the rename succeeded."""
+    old = None
+    if output_dir.exists():
+        if any(output_dir.iterdir()) and not force:  # appeared while we were exporting
+            raise FileExistsError(f"Output folder {output_dir} is not empty; pass force=True to replace it.")
+        old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        output_dir.rename(old)
+    try:
+        staging.rename(output_dir)
+    except BaseException:
+        if old is not None:
+            old.rename(output_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,121 @@
+"""Graph layout: tasks, input/output names and dynamic axes, following Optimum's ONNX conventions.
+
+One place decides what an exported graph looks like, so the exporter, the validator and the runtime agree, and
+folders load in Optimum's ``ORTModelFor*`` classes too. Names and axis labels mirror optimum-onnx's
+``TextEncoderOnnxConfig`` / ``TextDecoderWithPositionIdsOnnxConfig``; the one deliberate difference is that every
+decoder takes ``position_ids`` (Optimum omits it for Gemma), so left-padded batches number tokens as PyTorch does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ONNX_FILE_NAME = "model.onnx"
+METADATA_FILE_NAME = "ptv2_export.json"
+PREFIX_INITIALIZER = "ptv2.prefix.{slot}.{kind}"  # kind: key | value; shape (kv_heads, n, head_dim), or stacked
+ADAPTER_IDS_INPUT = "adapter_ids"
+
+TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION", "CAUSAL_LM")
+# Optimum / pipeline task names accepted as aliases, so `--task text-classification` works as with optimum-cli.
+TASK_ALIASES = {
+    "text-classification": "SEQ_CLS",
+    "sequence-classification": "SEQ_CLS",
+    "token-classification": "TOKEN_CLS",
+    "question-answering": "QUESTION_ANS",
+    "feature-extraction": "FEATURE_EXTRACTION",
+    "text-generation": "CAUSAL_LM",
+    "text-generation-with-past": "CAUSAL_LM",
+}
+OPTIMUM_TASK = {
+    "SEQ_CLS": "text-classification",
+    "TOKEN_CLS": "token-classification",
+    "QUESTION_ANS": "question-answering",
+    "FEATURE_EXTRACTION": "feature-extraction",
+    "CAUSAL_LM": "text-generation",
+}
+# Encoders whose Optimum export has a token_type_ids input (RoBERTa-style models have none).
+TOKEN_TYPE_IDS_MODELS = {"bert", "electra", "deberta", "deberta-v2", "xlm", "albert"}
+
+DEFAULT_OPSET = 17
+
+
+def normalize_task(task: str | None) -> str | None:
+    if task is None:
+        return None
+    key = str(task).strip()
+    if key.upper() in TASKS:
+        return key.upper()
+    if key.lower() in TASK_ALIASES:
+        return TASK_ALIASES[key.lower()]
+    if key.upper() == "SEQ_2_SEQ_LM":
+        raise NotImplementedError(
+            "Encoder-decoder (SEQ_2_SEQ_LM) export is not supported yet; export encoder-only or decoder-only models."
+        )
+    raise ValueError(
+        f"Unknown task {task!r}; use one of {', '.join(TASKS)} (or {', '.join(sorted(TASK_ALIASES))})."
+    )
+
+
+def output_names(task: str) -> list[str]:
+    if task == "QUESTION_ANS":
+        return ["start_logits", "end_logits"]
+    if task == "FEATURE_EXTRACTION":
+        return ["last_hidden_state"]
+    return ["logits"]
+
+
+@dataclass
+class GraphLayout:
+    """Names and dynamic axes of one exported graph."""
+
+    task: str
+    inputs: list[str]
+    outputs: list[str]
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    num_layers: int = 0  # decoders with past: number of cached layers
+    with_past: bool = False
+
+    @property
+    def past_names(self) -> list[str]:
+        return [n for n in self.inputs if n.startswith("past_key_values.")]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [n for n in self.outputs if n.startswith("present.")]
+
+
+def encoder_layout(task: str, model_type: str, type_vocab_size: int | None) -> GraphLayout:
+    """Graph without a cache: encoders, and decoders exported for classification or without past."""
+    axes = {0: "batch_size", 1: "sequence_length"}
+    inputs = ["input_ids", "attention_mask"]
+    if model_type in TOKEN_TYPE_IDS_MODELS and (type_vocab_size or 0) > 0:
+        inputs.append("token_type_ids")
+    outputs = output_names(task)
+    dynamic = {name: dict(axes) for name in inputs}
+    for name in outputs:
+        dynamic[name] = {0: "batch_size"} if task == "SEQ_CLS" else dict(axes)
+    return GraphLayout(task=task, inputs=inputs, outputs=outputs, dynamic_axes=dynamic)
+
+
+def decoder_layout(num_layers: int, with_past: bool) -> GraphLayout:
+    """Optimum's text-generation(-with-past) layout for decoder-only models."""
+    total = "past_sequence_length + sequence_length" if with_past else "sequence_length"
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    dynamic = {
+        "input_ids": {0: "batch_size", 1: "sequence_length"},
+        "attention_mask": {0: "batch_size", 1: total},
+        "position_ids": {0: "batch_size", 1: "sequence_length"},
+        "logits": {0: "batch_size", 1: "sequence_length"},
+    }
+    outputs = ["logits"]
+    if with_past:
+        for i in range(num_layers):
+            for kind in ("key", "value"):
+                inputs.append(f"past_key_values.{i}.{kind}")
+                dynamic[f"past_key_values.{i}.{kind}"] = {0: "batch_size", 2: "past_sequence_length"}
+                outputs.append(f"present.{i}.{kind}")
+                dynamic[f"present.{i}.{kind}"] = {0: "batch_size", 2: total}
+    return GraphLayout(
+        task="CAUSAL_LM", inputs=inputs, outputs=outputs, dynamic_axes=dynamic, num_layers=num_layers,
+        with_past=with_past,
+    )

@@ -1,0 +1,139 @@
+"""Export-time context managers: everything the tracer needs is set up here and undone on exit.
+
+Nothing in ``ptv2_plugin`` changes for export. The prefix reaches attention exactly as at inference (ContextVar,
+config view, projection hooks all run as plain Python under the TorchScript tracer); only *where the prefix comes
+from* is redirected: each ``PTuningV2Layer`` reads its keys/values from tensors the export wrapper receives as
+extra graph inputs. Those inputs are turned into initializers afterwards (see ``export.py``), which keeps their
+names stable (constant folding cannot rename or fuse an input) and keeps the MLP out of the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ptv2_plugin import PTuningV2Layer
+from ptv2_plugin.attention import ActivePrefix
+
+
+class PrefixFeed:
+    """Per-slot prefix tensors handed to the patched layers during one traced forward.
+
+    Single adapter: ``keys[slot]`` is (kv_heads, n, head_dim). Several adapters: (adapters, kv_heads, n, head_dim),
+    and ``adapter_ids`` (batch,) picks each row's adapter.
+    """
+
+    def __init__(self) -> None:
+        self.keys: Sequence[torch.Tensor] = ()
+        self.values: Sequence[torch.Tensor] = ()
+        self.adapter_ids: torch.Tensor | None = None
+
+    def prefix(self, slot: int) -> ActivePrefix:
+        key, value = self.keys[slot], self.values[slot]
+        if self.adapter_ids is None:
+            return ActivePrefix(key.unsqueeze(0), value.unsqueeze(0))
+        return ActivePrefix(key.index_select(0, self.adapter_ids), value.index_select(0, self.adapter_ids))
+
+
+def prefixed_layers(model: nn.Module) -> list[PTuningV2Layer]:
+    return [m for m in model.modules() if isinstance(m, PTuningV2Layer)]
+
+
+@contextmanager
+def prefix_from_feed(model: nn.Module, adapters: Sequence[str]) -> Iterator[PrefixFeed]:
+    """Make every prefixed layer take its keys/values from a ``PrefixFeed`` instead of its prefix encoder."""
+    feed = PrefixFeed()
+    layers = prefixed_layers(model)
+    patched = []
+    try:
+        for layer in layers:
+            slots = {layer.ptv2_slot.get(name) for name in adapters}
+            if slots == {None}:
+                continue
+            if len(slots) != 1:
+                raise ValueError(
+                    f"Adapters {list(adapters)} prefix different layers; a multi-adapter export needs adapters "
+                    "with the same target modules."
+                )
+            slot = slots.pop()
+            layer.prefix = lambda _names, slot=slot: feed.prefix(slot)  # instance attribute shadows the method
+            patched.append(layer)
+        yield feed
+    finally:
+        for layer in patched:
+            layer.__dict__.pop("prefix", None)
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Eval mode during export; every module's own training flag is restored afterwards."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+# ------------------------------------------------------------------------------------ masks (transformers 4.5x)
+def _broadcast_mask(
+    batch_size: int,
+    cache_position: torch.Tensor,
+    kv_length: int,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **_: object,
+) -> torch.Tensor:
+    """Boolean (batch, 1, q, kv) mask from an index-based mask function evaluated by broadcasting instead of vmap."""
+    from transformers import masking_utils as mu
+
+    mask_function = mask_function or mu.causal_mask_function
+    if attention_mask is not None:
+        padding = attention_mask.bool()
+        missing = kv_offset + kv_length - padding.shape[-1]
+        if missing > 0:  # static caches are longer than the 2-D mask
+            padding = torch.nn.functional.pad(padding, (0, missing))
+        mask_function = mu.and_masks(mask_function, mu.padding_mask_function(padding))
+    device = cache_position.device
+    b = torch.arange(batch_size, device=device)[:, None, None, None]
+    h = torch.zeros(1, dtype=torch.long, device=device)[None, :, None, None]
+    q = cache_position[None, None, :, None]
+    kv = (torch.arange(kv_length, device=device) + kv_offset)[None, None, None, :]
+    mask = mask_function(b, h, q, kv)
+    return mask.expand(batch_size, 1, cache_position.shape[0], kv_length)
+
+
+def _broadcast_eager_mask(*args, dtype: torch.dtype = torch.float32, **kwargs) -> torch.Tensor:
+    kwargs.pop("allow_is_causal_skip", None)
+    mask = _broadcast_mask(*args, **kwargs)
+    zero = torch.tensor(0.0, dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, torch.finfo(dtype).min)
+
+
+@contextmanager
+def traceable_masks() -> Iterator[None]:
+    """transformers 4.5x builds causal masks with ``torch.vmap``, which TorchScript cannot trace; transformers 5
+    builds them by broadcasting already. On 4.5x, register broadcast versions for the duration of the export."""
+    try:
+        from transformers import masking_utils as mu
+    except ImportError:  # pragma: no cover - transformers without masking_utils builds masks inline
+        yield
+        return
+    if not hasattr(mu, "sdpa_mask_recent_torch"):  # transformers 5: already traceable
+        yield
+        return
+    registry = mu.ALL_MASK_ATTENTION_FUNCTIONS
+    saved = {name: registry[name] for name in ("sdpa", "eager") if name in registry}
+    registry.register("sdpa", _broadcast_mask)
+    registry.register("eager", _broadcast_eager_mask)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            registry.register(name, function)

@@ -1,0 +1,312 @@
+"""ONNX export: PyTorch vs ONNX Runtime (CPU) parity for every supported architecture, and the graph's contents."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from peft import get_peft_model  # noqa: E402
+
+from exporters.onnx import (  # noqa: E402
+    ExportValidationError,
+    ORTModelForCausalLM,
+    ORTModelForFeatureExtraction,
+    ORTModelForQuestionAnswering,
+    ORTModelForSequenceClassification,
+    ORTModelForTokenClassification,
+    export,
+)
+from ptv2_plugin import PTuningV2Config  # noqa: E402
+from tests.tiny_models import ARCHITECTURES, DECODERS, ENCODERS, VOCAB, default_task, tiny_model  # noqa: E402
+
+ATOL = 1e-4
+N = 3
+RUNTIME = {
+    "SEQ_CLS": ORTModelForSequenceClassification,
+    "TOKEN_CLS": ORTModelForTokenClassification,
+    "QUESTION_ANS": ORTModelForQuestionAnswering,
+    "FEATURE_EXTRACTION": ORTModelForFeatureExtraction,
+    "CAUSAL_LM": ORTModelForCausalLM,
+}
+OUTPUTS = {"QUESTION_ANS": ("start_logits", "end_logits"), "FEATURE_EXTRACTION": ("last_hidden_state",)}
+
+
+def peft_model(arch: str, task: str | None = None, *, seed: int = 0, n: int = N, name: str = "default"):
+    task = task or default_task(arch)
+    torch.manual_seed(seed)
+    config = PTuningV2Config(task_type=task, num_virtual_tokens=n, prefix_init_std=1.0)
+    return get_peft_model(tiny_model(arch, task), config, adapter_name=name).eval()
+
+
+def batch(batch_size: int, length: int, *, left_pad: int = 0, right_pad: int = 0, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch_size, length), generator=generator)
+    mask = torch.ones_like(ids)
+    if batch_size > 1 and left_pad:
+        mask[-1, :left_pad] = 0
+    if batch_size > 1 and right_pad:
+        mask[-1, length - right_pad :] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+_EXPORTS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(arch, task) -> (PeftModel, folder); one export per combination for the whole module."""
+
+    def get(arch: str, task: str | None = None):
+        task = task or default_task(arch)
+        if (arch, task) not in _EXPORTS:
+            model = peft_model(arch, task)
+            folder = export(model, tmp_path_factory.mktemp(f"{arch}-{task}") / "onnx")
+            _EXPORTS[(arch, task)] = (model, folder)
+        return _EXPORTS[(arch, task)]
+
+    yield get
+    _EXPORTS.clear()
+
+
+# ----------------------------------------------------------------------------------------------------- parity
+# Every encoder with SEQ_CLS, plus one more task each, cycling so every task runs on several architectures.
+_OTHER_TASKS = ["TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"]
+ENCODER_CASES = [(a, "SEQ_CLS") for a in ENCODERS] + [(a, _OTHER_TASKS[i % 3]) for i, a in enumerate(ENCODERS)]
+
+
+@pytest.mark.parametrize("arch,task", ENCODER_CASES)
+def test_encoder_parity_several_shapes_with_padding(exported, arch, task):
+    model, folder = exported(arch, task)
+    runtime = RUNTIME[task].from_pretrained(folder)
+    for size, length, pad in [(1, 1, 0), (2, 6, 2), (4, 9, 5)]:
+        inputs = batch(size, length, right_pad=pad, seed=size)
+        with torch.no_grad():
+            reference = model(**inputs)
+        actual = runtime(**inputs)
+        for name in OUTPUTS.get(task, ("logits",)):
+            expected, got = getattr(reference, name), getattr(actual, name)
+            assert got.shape == expected.shape
+            assert (got - expected).abs().max().item() <= ATOL, (arch, task, size, length, name)
+    parity = json.loads((folder / "ptv2_export.json").read_text())["parity"]
+    assert parity["ok"] and parity["max_abs_diff"] <= ATOL
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_decoder_steps_from_empty_past(exported, arch):
+    model, folder = exported(arch)
+    runtime = ORTModelForCausalLM.from_pretrained(folder)
+    for size, length, pad in [(1, 4, 0), (3, 5, 2)]:
+        inputs = batch(size, length, left_pad=pad, seed=size)
+        mask = inputs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            reference = model(**inputs, position_ids=positions, use_cache=True)
+        actual = runtime(**inputs, position_ids=positions)
+        assert (actual.logits - reference.logits).abs().max().item() <= ATOL
+        for step in range(4):
+            # the prefix never enters the cache: present holds exactly the real tokens seen so far
+            assert actual.past_key_values[0][0].shape[2] == length + step
+            assert reference.past_key_values.get_seq_length() == length + step
+            token = torch.randint(3, VOCAB, (size, 1), generator=torch.Generator().manual_seed(step))
+            mask = torch.cat([mask, torch.ones(size, 1, dtype=mask.dtype)], dim=1)
+            step_inputs = {"input_ids": token, "attention_mask": mask, "position_ids": mask.sum(-1, keepdim=True) - 1}
+            with torch.no_grad():
+                reference = model(**step_inputs, past_key_values=reference.past_key_values, use_cache=True)
+            actual = runtime(**step_inputs, past_key_values=actual.past_key_values)
+            assert (actual.logits - reference.logits).abs().max().item() <= ATOL, (arch, size, step)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_decoder_generate_gives_identical_tokens(exported, arch):
+    model, folder = exported(arch)
+    runtime = ORTModelForCausalLM.from_pretrained(folder)
+    inputs = batch(3, 5, left_pad=2, seed=7)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(**inputs, **kwargs)
+    actual = runtime.generate(**inputs, **kwargs)
+    assert actual.tolist() == expected.tolist()
+
+
+# ------------------------------------------------------------------------------------------- graph contents
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_prefix_is_constant_initializers_and_mlp_is_absent(exported, arch):
+    model, folder = exported(arch)
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    inputs = [i.name for i in graph.input]
+    if arch in DECODERS:
+        layers = model.config.num_hidden_layers
+        past = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+        assert inputs == ["input_ids", "attention_mask", "position_ids", *past]
+        assert [o.name for o in graph.output] == ["logits"] + [p.replace("past_key_values", "present") for p in past]
+    else:
+        expected = ["input_ids", "attention_mask"] + (["token_type_ids"] if arch in ("bert", "electra") else [])
+        assert inputs == expected
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    prefix = model.base_model.prefix_encoder().all_key_values()
+    for slot, (key, value) in enumerate(prefix):
+        np.testing.assert_array_equal(initializers[f"ptv2.prefix.{slot}.key"], key.numpy())
+        np.testing.assert_array_equal(initializers[f"ptv2.prefix.{slot}.value"], value.numpy())
+    assert len([n for n in initializers if n.startswith("ptv2.prefix.")]) == 2 * len(prefix)
+    # no MLP: no initializer is (a transpose of) a prefix-encoder parameter, and none is named after it
+    assert not any("prefix_encoder" in name for name in initializers)
+    encoder_params = [p.detach().numpy() for p in model.base_model.prefix_encoder().parameters() if p.ndim == 2]
+    assert len(encoder_params) == 3  # P, and the MLP's two weight matrices
+    for name, array in initializers.items():
+        for param in encoder_params:
+            for candidate in (param, param.T):
+                assert not (array.shape == candidate.shape and np.allclose(array, candidate)), name
+    assert len(model.base_model.prefix_encoder().embedding.weight) == N
+
+
+def test_metadata_and_folder_contents(exported):
+    model, folder = exported("llama")
+    names = {p.name for p in folder.iterdir()}
+    assert {"model.onnx", "config.json", "generation_config.json", "ptv2_export.json"} <= names
+    metadata = json.loads((folder / "ptv2_export.json").read_text())
+    assert metadata["adapters"] == ["default"] and metadata["num_virtual_tokens"] == N
+    assert metadata["task"] == "CAUSAL_LM" and metadata["with_past"] is True
+    assert metadata["optimum_task"] == "text-generation-with-past"
+    assert {"torch", "transformers", "peft", "onnx", "onnxruntime", "ptv2_plugin"} <= set(metadata["versions"])
+    assert metadata["parity"]["ok"] is True and metadata["parity"]["max_abs_diff"] <= ATOL
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+# ---------------------------------------------------------------------------------------------- variants
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decoder_classification_and_no_past_graphs(tmp_path, arch):
+    model = peft_model(arch, "SEQ_CLS")
+    model.config.pad_token_id = 0
+    folder = export(model, tmp_path / "cls")
+    inputs = batch(2, 6, seed=3)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    assert (ORTModelForSequenceClassification.from_pretrained(folder)(**inputs).logits - expected).abs().max() <= ATOL
+
+    lm = peft_model(arch)
+    folder = export(lm, tmp_path / "nopast", with_past=False)
+    runtime = ORTModelForCausalLM.from_pretrained(folder)
+    assert not runtime.can_use_cache and "past_key_values.0.key" not in runtime.input_names
+    with torch.no_grad():
+        expected = lm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert runtime.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_float16_export_on_cpu(tmp_path, arch):
+    model = peft_model(arch)
+    folder = export(model, tmp_path / "fp16", dtype="float16")
+    proto = onnx.load(str(folder / "model.onnx"))
+    fp16 = onnx.TensorProto.FLOAT16
+    assert all(o.type.tensor_type.elem_type == fp16 for o in proto.graph.output)
+    prefix = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name.startswith("ptv2.")}
+    key = model.base_model.prefix_encoder().all_key_values()[0][0]
+    assert prefix["ptv2.prefix.0.key"].dtype == np.float16
+    np.testing.assert_allclose(prefix["ptv2.prefix.0.key"].astype(np.float32), key.numpy(), atol=2e-3, rtol=1e-3)
+    parity = json.loads((folder / "ptv2_export.json").read_text())["parity"]
+    assert parity["ok"] and parity["max_abs_diff"] <= 2e-2
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is untouched
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_multi_adapter_export_selects_prefix_per_row(tmp_path, arch):
+    task = default_task(arch)
+    model = peft_model(arch, name="a")
+    torch.manual_seed(1)
+    model.add_adapter("b", PTuningV2Config(task_type=task, num_virtual_tokens=N, prefix_init_std=1.0))
+    model.eval()
+    folder = export(model, tmp_path / "multi", adapters=["a", "b"])
+    runtime = RUNTIME[task].from_pretrained(folder)
+    assert runtime.input_names[-1] == "adapter_ids"
+    inputs = batch(3, 5, seed=4)
+    rows = ["b", "a", "b"]
+    expected = {}
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        with torch.no_grad():
+            expected[name] = model(**inputs).logits
+    actual = runtime(**inputs, adapter_names=rows).logits
+    for row, name in enumerate(rows):
+        assert (actual[row] - expected[name][row]).abs().max() <= ATOL
+    assert not torch.allclose(expected["a"], expected["b"])
+    with pytest.raises(ValueError, match="adapter_names"):
+        runtime(**inputs)
+    model.add_adapter("c", PTuningV2Config(task_type=task, num_virtual_tokens=N + 1))
+    with pytest.raises(ValueError, match="num_virtual_tokens"):
+        export(model, tmp_path / "bad", adapters=["a", "c"])
+
+
+# ------------------------------------------------------------------------------- folders, inputs, failures
+def test_output_folder_is_atomic_and_refused_unless_forced(tmp_path):
+    model = peft_model("bert")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export(model, out)
+    assert (out / "keep.txt").read_text() == "user data"
+    with pytest.raises(ExportValidationError, match="discarded"):
+        export(model, out, force=True, atol=-1.0)  # impossible tolerance: validation must fail
+    assert (out / "keep.txt").read_text() == "user data"  # a failed export never touches the old folder
+    export(model, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+    with pytest.raises(ExportValidationError):
+        export(model, tmp_path / "fresh", atol=-1.0)
+    assert not (tmp_path / "fresh").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or backup folders left
+
+
+def test_export_from_adapter_folder_copies_tokenizer_and_leaves_model_intact(tmp_path):
+    model = peft_model("roberta", "TOKEN_CLS")
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_model("roberta", "TOKEN_CLS").save_pretrained(base_dir)
+    (base_dir / "vocab.json").write_text("{}")
+    (base_dir / "merges.txt").write_text("#version: 0.2\n")
+    model.save_pretrained(adapter_dir)
+    folder = export(adapter_dir, tmp_path / "out", base_model=base_dir)
+    assert (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    metadata = json.loads((folder / "ptv2_export.json").read_text())
+    assert metadata["task"] == "TOKEN_CLS" and metadata["parity"]["ok"]
+    inputs = batch(2, 5, right_pad=1)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    actual = ORTModelForTokenClassification.from_pretrained(folder)(**inputs).logits
+    assert (actual - expected).abs().max() <= ATOL
+    # exporting patched nothing on the model the caller keeps using
+    layers = [m for m in model.modules() if type(m).__name__ == "PTuningV2Layer"]
+    assert layers and not any("prefix" in vars(layer) for layer in layers)
+
+
+def test_model_in_training_mode_exports_and_stays_in_training_mode(tmp_path):
+    model = peft_model("electra", "TOKEN_CLS")
+    model.train()
+    folder = export(model, tmp_path / "out")
+    assert model.training and all(m.training for m in model.modules())
+    assert json.loads((folder / "ptv2_export.json").read_text())["parity"]["max_abs_diff"] <= ATOL
+
+
+def test_bad_inputs_get_clear_errors(tmp_path):
+    with pytest.raises(TypeError, match="PeftModel"):
+        export(tiny_model("bert"), tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        export(tmp_path, tmp_path / "b")
+    model = peft_model("bert")
+    with pytest.raises(ValueError, match="Unknown task"):
+        export(model, tmp_path / "c", task="translation")
+    with pytest.raises(ValueError, match="does not match"):
+        export(model, tmp_path / "d", task="CAUSAL_LM")
+    with pytest.raises(ValueError, match="with_past"):
+        export(model, tmp_path / "e", with_past=True)
+    with pytest.raises(ValueError, match="dtype"):
+        export(model, tmp_path / "f", dtype="int8")
+    with pytest.raises(NotImplementedError, match="Encoder-decoder"):
+        export(model, tmp_path / "h", task="SEQ_2_SEQ_LM")
+    with pytest.raises(ValueError, match="No adapter named"):
+        export(model, tmp_path / "g", adapter_name="nope")
+    assert not list(tmp_path.iterdir())
