@@ -62,8 +62,11 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
         parts = [kv for kv in map(self._key_value, adapter_names) if kv is not None]
         if not parts:
             return None
-        key = torch.cat([k for k, _ in parts], dim=1)
-        value = torch.cat([v for _, v in parts], dim=1)
+        if len(parts) == 1:  # the common case: no copy
+            key, value = parts[0]
+        else:
+            key = torch.cat([k for k, _ in parts], dim=1)
+            value = torch.cat([v for _, v in parts], dim=1)
         return ActivePrefix(key.unsqueeze(0), value.unsqueeze(0))
 
     def row_prefix(self, row_adapters: list[str]) -> ActivePrefix | None:

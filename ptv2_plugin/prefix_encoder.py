@@ -53,7 +53,7 @@ class PrefixEncoder(nn.Module):
         self.dropout = nn.Dropout(prefix_dropout)
         self.init_std = init_std
         self.reset_parameters()
-        self._cache: torch.Tensor | None = None
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._cache_key: tuple | None = None
 
     @torch.no_grad()
@@ -90,36 +90,31 @@ class PrefixEncoder(nn.Module):
     def _state_key(self) -> tuple:
         return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
 
-    def projected(self) -> torch.Tensor:
-        """The ready-to-serve prefix (n, total width), computed once and cached while the weights stay the same."""
+    def _split(self, rows: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, slot width) -> keys and values, each (kv_heads, n, head_dim)."""
+        geometry = self.slots[slot]
+        kv = rows.reshape(self.num_virtual_tokens, 2, geometry.num_kv_heads, geometry.head_dim).permute(1, 2, 0, 3)
+        return kv[0], kv[1]
+
+    def _serving_key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every slot's keys/values from one MLP run, contiguous, cached while the weights stay the same."""
         key = self._state_key()
         if self._cache is None or self._cache_key != key:
-            with torch.no_grad():
-                self._cache = self.forward().detach()
+            self._cache = [(k.contiguous(), v.contiguous()) for k, v in self.all_key_values()]
             self._cache_key = key
         return self._cache
 
     def slot_key_value(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefix keys and values of one layer, each (kv_heads, n, head_dim)."""
         if self._uses_cache():
-            rows = self.projected()[:, self.offsets[slot] : self.offsets[slot + 1]]
-        else:
-            rows = self.dropout(self._slot_rows(slot))
-        geometry = self.slots[slot]
-        kv = rows.reshape(self.num_virtual_tokens, 2, geometry.num_kv_heads, geometry.head_dim).permute(1, 2, 0, 3)
-        return kv[0], kv[1]
+            return self._serving_key_values()[slot]
+        return self._split(self.dropout(self._slot_rows(slot)), slot)
 
     def all_key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every layer's prefix from one MLP run (used by the ONNX exporter and for inspection)."""
+        """Every layer's prefix from one MLP run (what the ONNX exporter freezes), without autograd history."""
         with torch.no_grad():
-            rows = self.forward()
-        out = []
-        for slot, geometry in enumerate(self.slots):
-            block = rows[:, self.offsets[slot] : self.offsets[slot + 1]]
-            kv = block.reshape(self.num_virtual_tokens, 2, geometry.num_kv_heads, geometry.head_dim)
-            kv = kv.permute(1, 2, 0, 3)
-            out.append((kv[0], kv[1]))
-        return out
+            rows = self.forward().detach()
+        return [self._split(rows[:, self.offsets[s] : self.offsets[s + 1]], s) for s in range(len(self.slots))]
 
     def train(self, mode: bool = True) -> PrefixEncoder:
         self._cache = None
