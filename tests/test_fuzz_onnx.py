@@ -23,7 +23,7 @@ EXAMPLES = int(os.environ.get("PTV2_FUZZ_EXAMPLES", "12"))
 WORKDIR = tempfile.mkdtemp(prefix="ptv2-fuzz-onnx-")
 
 
-@functools.lru_cache(maxsize=32)
+@functools.cache
 def exported(arch: str, n: int, projection: bool):
     from exporters.onnx import export, load
 
@@ -31,7 +31,7 @@ def exported(arch: str, n: int, projection: bool):
         task_type=default_task(arch), num_virtual_tokens=n, prefix_projection=projection, prefix_init_std=1.0
     )
     model = get_peft_model(tiny_model(arch), config).eval()
-    folder = os.path.join(WORKDIR, f"{arch}-{n}-{projection}")
+    folder = tempfile.mkdtemp(prefix=f"{arch}-{n}-{projection}-", dir=WORKDIR)
     export(model, folder, validate=False, with_past=False)
     return model, load(folder)
 
