@@ -19,13 +19,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", required=True, help="Folder of the saved P-Tuning v2 adapter.")
     parser.add_argument("--output", required=True, help="Output folder (created atomically).")
     parser.add_argument("--task", default=None,
-                        help="SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION or CAUSAL_LM (or Optimum's "
-                        "names, e.g. text-classification). Default: the adapter's task_type.")
+                        help="SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION, CAUSAL_LM or SEQ_2_SEQ_LM (or "
+                        "Optimum's names, e.g. text-classification, text2text-generation). Default: the adapter's "
+                        "task_type. SEQ_2_SEQ_LM (T5, BART) writes Optimum's encoder_model.onnx, decoder_model.onnx "
+                        "and decoder_with_past_model.onnx.")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17).")
     parser.add_argument("--device", default="cpu", help="Device to trace on: cpu or cuda (float16 wants cuda).")
     parser.add_argument("--no-past", dest="with_past", action="store_false", default=None,
-                        help="Decoders: export without KV-cache inputs/outputs.")
+                        help="Decoders: export without KV-cache inputs/outputs (encoder-decoders: no "
+                        "decoder_with_past_model.onnx).")
     parser.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
                         help="Compare PyTorch and ONNX Runtime after export and fail above --atol (default: on).")
     parser.add_argument("--atol", type=float, default=None, help="Parity tolerance (default 1e-4; 2e-2 for float16).")

@@ -305,7 +305,7 @@ def test_bad_inputs_get_clear_errors(tmp_path):
         export(model, tmp_path / "e", with_past=True)
     with pytest.raises(ValueError, match="dtype"):
         export(model, tmp_path / "f", dtype="int8")
-    with pytest.raises(NotImplementedError, match="Encoder-decoder"):
+    with pytest.raises(ValueError, match="does not match"):
         export(model, tmp_path / "h", task="SEQ_2_SEQ_LM")
     with pytest.raises(ValueError, match="No adapter named"):
         export(model, tmp_path / "g", adapter_name="nope")

@@ -1,12 +1,20 @@
 """ONNX export of P-Tuning v2 models (prefix frozen into the graph) and ONNX Runtime models to serve them."""
 
 from .export import ExportValidationError, export
-from .layout import METADATA_FILE_NAME, ONNX_FILE_NAME, PREFIX_INITIALIZER
+from .layout import (
+    DECODER_FILE_NAME,
+    DECODER_WITH_PAST_FILE_NAME,
+    ENCODER_FILE_NAME,
+    METADATA_FILE_NAME,
+    ONNX_FILE_NAME,
+    PREFIX_INITIALIZER,
+)
 from .runtime import (
     ORTModel,
     ORTModelForCausalLM,
     ORTModelForFeatureExtraction,
     ORTModelForQuestionAnswering,
+    ORTModelForSeq2SeqLM,
     ORTModelForSequenceClassification,
     ORTModelForTokenClassification,
     create_session,
@@ -14,6 +22,9 @@ from .runtime import (
 )
 
 __all__ = [
+    "DECODER_FILE_NAME",
+    "DECODER_WITH_PAST_FILE_NAME",
+    "ENCODER_FILE_NAME",
     "METADATA_FILE_NAME",
     "ONNX_FILE_NAME",
     "PREFIX_INITIALIZER",
@@ -22,6 +33,7 @@ __all__ = [
     "ORTModelForCausalLM",
     "ORTModelForFeatureExtraction",
     "ORTModelForQuestionAnswering",
+    "ORTModelForSeq2SeqLM",
     "ORTModelForSequenceClassification",
     "ORTModelForTokenClassification",
     "create_session",

@@ -1,4 +1,4 @@
-"""Export a P-Tuning v2 model to one self-contained ONNX graph.
+"""Export a P-Tuning v2 model to self-contained ONNX graphs (one; three for encoder-decoder models).
 
 Exporter choice: the TorchScript tracer (``torch.onnx.export(..., dynamo=False)``), as optimum-onnx does. The prefix
 reaches attention through plain Python (a ContextVar, a config view, forward hooks) that the tracer simply runs,
@@ -10,7 +10,8 @@ contain a padded row (no "all ones" shortcut gets recorded) and why 4.5x masks a
 
 The prefix becomes constant initializers ``ptv2.prefix.{slot}.key/value`` (exactly
 ``prefix_encoder.all_key_values()``): the layers read it from extra traced inputs, which are turned into
-initializers after export, so no prefix input and no MLP weight remains.
+initializers after export, so no prefix input and no MLP weight remains. Encoder-decoder models get Optimum's
+seq2seq files (see ``seq2seq.py``); each graph holds the prefixes of the attention layers it contains.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ _AUTO_CLASSES = {
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
     "FEATURE_EXTRACTION": "AutoModel",
     "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
 }
+GENERATIVE_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
 
 
 class ExportValidationError(RuntimeError):
@@ -74,6 +77,9 @@ def export(
 ) -> Path:
     """Write ``model.onnx`` (prefix frozen in), ``config.json``, tokenizer files and ``ptv2_export.json``.
 
+    For SEQ_2_SEQ_LM the graphs are ``encoder_model.onnx``, ``decoder_model.onnx`` and (``with_past``, the default)
+    ``decoder_with_past_model.onnx``, as Optimum lays them out.
+
     ``model`` is a ``PeftModel`` with a P-Tuning v2 adapter, or the path of a saved adapter (then ``base_model`` is
     the base model or its path; default: the adapter config's ``base_model_name_or_path``). ``adapters`` exports
     several adapters into one graph with an ``adapter_ids`` input selecting each row's prefix. The folder appears
@@ -89,9 +95,10 @@ def export(
     names = _resolve_adapters(peft_model, adapter_name, adapters)
     multi = adapters is not None
     if with_past is None:
-        with_past = task == "CAUSAL_LM"
-    if with_past and task != "CAUSAL_LM":
-        raise ValueError(f"with_past=True needs task CAUSAL_LM, got {task}.")
+        with_past = task in GENERATIVE_TASKS
+    if with_past and task not in GENERATIVE_TASKS:
+        raise ValueError(f"with_past=True needs task CAUSAL_LM or SEQ_2_SEQ_LM, got {task}.")
+    _check_model_kind(peft_model, task)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
@@ -99,25 +106,37 @@ def export(
         say(f"Preparing {type(peft_model.base_model.model).__name__} ({task}, adapters {names}, {dtype}, {device})")
         work = _working_copy(peft_model, torch.device(device))
         inner = work.base_model.model
-        graph = build_layout(inner.config, task, with_past)
+        graphs = build_layouts(inner.config, task, with_past)
         prefix = _frozen_prefix(peft_model, names)
-        onnx_path = staging / L.ONNX_FILE_NAME
         say(f"Tracing with torch.onnx (TorchScript exporter, opset {opset})")
-        traced = staging / "trace" / L.ONNX_FILE_NAME
-        traced.parent.mkdir()
-        _trace(inner, graph, prefix, names, multi, traced, opset, torch.device(device))
-        _finalize_graph(traced, onnx_path, prefix, torch_dtype)
-        shutil.rmtree(traced.parent)
-        say(f"Wrote {onnx_path.name}: prefix stored as {2 * len(prefix)} initializers, no prefix inputs")
+        (staging / "trace").mkdir()
+        files = {}
+        for file_name, graph in graphs.items():
+            traced = staging / "trace" / file_name
+            if graph.part:
+                from .seq2seq import part_slots, trace_part
+
+                slots = part_slots(inner, names[0], graph.part)
+                trace_part(inner, graph, prefix, slots, names, multi, traced, opset, torch.device(device))
+                wanted = [L.PREFIX_INITIALIZER.format(slot=s, kind=kind) for s in slots for kind in ("key", "value")]
+                used = {name: prefix[name] for name in wanted}
+            else:
+                slots = list(range(len(prefix) // 2))
+                _trace(inner, graph, prefix, names, multi, traced, opset, torch.device(device))
+                used = prefix
+            _finalize_graph(traced, staging / file_name, used, torch_dtype)
+            files[file_name] = slots
+            say(f"Wrote {file_name}: prefix stored as {len(used)} initializers, no prefix inputs")
+        shutil.rmtree(staging / "trace")
 
         inner.config.save_pretrained(staging)
-        if task == "CAUSAL_LM" and getattr(inner, "generation_config", None) is not None:
+        if task in GENERATIVE_TASKS and getattr(inner, "generation_config", None) is not None:
             inner.generation_config.save_pretrained(staging)
         copied = _copy_tokenizer(source_dirs, staging)
         if copied:
             say(f"Copied tokenizer files: {', '.join(copied)}")
 
-        metadata = _metadata(peft_model, names, multi, task, graph, opset, dtype, torch.device(device))
+        metadata = _metadata(peft_model, names, multi, task, graphs, files, opset, dtype, torch.device(device))
         metadata_path = staging / L.METADATA_FILE_NAME
         metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
         if validate:
@@ -242,6 +261,31 @@ def _working_copy(peft_model, device: torch.device):
     if reference.dtype == torch.float32 and reference.device == device:
         return peft_model
     return copy.deepcopy(peft_model).to(device=device, dtype=torch.float32)
+
+
+def _check_model_kind(peft_model, task: str) -> None:
+    """SEQ_2_SEQ_LM exactly for encoder-decoder models: the graphs differ in kind, not in detail."""
+    config = peft_model.base_model.model.config
+    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    if (task == "SEQ_2_SEQ_LM") != is_encoder_decoder:
+        kind = "an encoder-decoder" if is_encoder_decoder else f"a {config.model_type} (not encoder-decoder)"
+        raise ValueError(f"Task {task} cannot be exported for {kind} model; encoder-decoder models export as "
+                         "SEQ_2_SEQ_LM and only they do.")
+
+
+def build_layouts(config, task: str, with_past: bool) -> dict[str, L.GraphLayout]:
+    """File name -> graph layout of everything an export writes."""
+    if task == "SEQ_2_SEQ_LM":
+        return L.seq2seq_layouts(num_decoder_layers(config), with_past)
+    return {L.ONNX_FILE_NAME: build_layout(config, task, with_past)}
+
+
+def num_decoder_layers(config) -> int:
+    for name in ("num_decoder_layers", "decoder_layers"):  # T5, BART
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return _num_layers(config)
 
 
 def build_layout(config, task: str, with_past: bool) -> L.GraphLayout:
@@ -415,7 +459,7 @@ def _copy_tokenizer(source_dirs: list[Path], target: Path) -> list[str]:
     return []
 
 
-def _metadata(peft_model, names, multi, task, graph, opset, dtype, device) -> dict[str, Any]:
+def _metadata(peft_model, names, multi, task, graphs, files, opset, dtype, device) -> dict[str, Any]:
     import onnx
     import onnxruntime
     import peft
@@ -424,10 +468,13 @@ def _metadata(peft_model, names, multi, task, graph, opset, dtype, device) -> di
     import ptv2_plugin
 
     first = peft_model.peft_config[names[0]]
+    graph = next(iter(graphs.values()))
+    with_past = any(g.with_past for g in graphs.values())
+    ids = [L.ADAPTER_IDS_INPUT] if multi else []
     return {
         "format": "ptv2-onnx/1",
         "task": task,
-        "optimum_task": L.OPTIMUM_TASK[task] + ("-with-past" if graph.with_past else ""),
+        "optimum_task": L.OPTIMUM_TASK[task] + ("-with-past" if with_past else ""),
         "model_type": peft_model.base_model.model.config.model_type,
         "adapters": names,
         "multi_adapter": multi,
@@ -436,9 +483,14 @@ def _metadata(peft_model, names, multi, task, graph, opset, dtype, device) -> di
         "base_model_name_or_path": first.base_model_name_or_path,
         "dtype": dtype if isinstance(dtype, str) else str(dtype).replace("torch.", ""),
         "opset": opset,
-        "with_past": graph.with_past,
-        "inputs": graph.inputs + ([L.ADAPTER_IDS_INPUT] if multi else []),
+        "with_past": with_past,
+        "inputs": graph.inputs + ids,
         "outputs": graph.outputs,
+        "files": {
+            name: {"inputs": g.inputs + (ids if files[name] else []), "outputs": g.outputs,
+                   "prefix_slots": files[name]}
+            for name, g in graphs.items()
+        },
         "exported_on": str(device),
         "versions": {
             "ptv2_plugin": ptv2_plugin.__version__,

@@ -11,11 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ONNX_FILE_NAME = "model.onnx"
+# Encoder-decoder models: Optimum's non-merged seq2seq layout (ORTModelForSeq2SeqLM loads it as is).
+ENCODER_FILE_NAME = "encoder_model.onnx"
+DECODER_FILE_NAME = "decoder_model.onnx"
+DECODER_WITH_PAST_FILE_NAME = "decoder_with_past_model.onnx"
 METADATA_FILE_NAME = "ptv2_export.json"
 PREFIX_INITIALIZER = "ptv2.prefix.{slot}.{kind}"  # kind: key | value; shape (kv_heads, n, head_dim), or stacked
 ADAPTER_IDS_INPUT = "adapter_ids"
 
-TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION", "CAUSAL_LM")
+TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION", "CAUSAL_LM", "SEQ_2_SEQ_LM")
 # Optimum / pipeline task names accepted as aliases, so `--task text-classification` works as with optimum-cli.
 TASK_ALIASES = {
     "text-classification": "SEQ_CLS",
@@ -25,6 +29,8 @@ TASK_ALIASES = {
     "feature-extraction": "FEATURE_EXTRACTION",
     "text-generation": "CAUSAL_LM",
     "text-generation-with-past": "CAUSAL_LM",
+    "text2text-generation": "SEQ_2_SEQ_LM",
+    "text2text-generation-with-past": "SEQ_2_SEQ_LM",
 }
 OPTIMUM_TASK = {
     "SEQ_CLS": "text-classification",
@@ -32,6 +38,7 @@ OPTIMUM_TASK = {
     "QUESTION_ANS": "question-answering",
     "FEATURE_EXTRACTION": "feature-extraction",
     "CAUSAL_LM": "text-generation",
+    "SEQ_2_SEQ_LM": "text2text-generation",
 }
 # Encoders whose Optimum export has a token_type_ids input (RoBERTa-style models have none).
 TOKEN_TYPE_IDS_MODELS = {"bert", "electra", "deberta", "deberta-v2", "xlm", "albert"}
@@ -47,10 +54,6 @@ def normalize_task(task: str | None) -> str | None:
         return key.upper()
     if key.lower() in TASK_ALIASES:
         return TASK_ALIASES[key.lower()]
-    if key.upper() == "SEQ_2_SEQ_LM":
-        raise NotImplementedError(
-            "Encoder-decoder (SEQ_2_SEQ_LM) export is not supported yet; export encoder-only or decoder-only models."
-        )
     raise ValueError(
         f"Unknown task {task!r}; use one of {', '.join(TASKS)} (or {', '.join(sorted(TASK_ALIASES))})."
     )
@@ -74,6 +77,7 @@ class GraphLayout:
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
     num_layers: int = 0  # decoders with past: number of cached layers
     with_past: bool = False
+    part: str = ""  # encoder-decoder models: "encoder", "decoder" or "decoder_with_past"
 
     @property
     def past_names(self) -> list[str]:
@@ -118,4 +122,48 @@ def decoder_layout(num_layers: int, with_past: bool) -> GraphLayout:
     return GraphLayout(
         task="CAUSAL_LM", inputs=inputs, outputs=outputs, dynamic_axes=dynamic, num_layers=num_layers,
         with_past=with_past,
+    )
+
+
+def seq2seq_layouts(num_layers: int, with_past: bool) -> dict[str, GraphLayout]:
+    """Optimum's text2text-generation(-with-past) graphs, by file name.
+
+    ``decoder_model.onnx`` runs the first step (no past) and returns both caches; ``decoder_with_past_model.onnx``
+    runs the later steps: it reads the cross-attention keys/values from the past (so it has no
+    ``encoder_hidden_states`` input) and returns only the grown self-attention cache, as Optimum's does.
+    """
+    encoder_axes = {0: "batch_size", 1: "encoder_sequence_length"}
+    encoder = GraphLayout(
+        task="SEQ_2_SEQ_LM", inputs=["input_ids", "attention_mask"], outputs=["last_hidden_state"],
+        dynamic_axes={name: dict(encoder_axes) for name in ("input_ids", "attention_mask", "last_hidden_state")},
+        part="encoder",
+    )
+    layouts = {ENCODER_FILE_NAME: encoder, DECODER_FILE_NAME: _seq2seq_decoder(num_layers, past=False)}
+    if with_past:
+        layouts[DECODER_WITH_PAST_FILE_NAME] = _seq2seq_decoder(num_layers, past=True)
+    return layouts
+
+
+def _seq2seq_decoder(num_layers: int, past: bool) -> GraphLayout:
+    batch, encoder_length = {0: "batch_size"}, {0: "batch_size", 1: "encoder_sequence_length"}
+    decoder_axes = {0: "batch_size", 1: "decoder_sequence_length"}
+    total = "past_decoder_sequence_length + decoder_sequence_length" if past else "decoder_sequence_length"
+    inputs = ["input_ids", "encoder_attention_mask"] + ([] if past else ["encoder_hidden_states"])
+    dynamic = {"input_ids": dict(decoder_axes), "encoder_attention_mask": dict(encoder_length),
+               "encoder_hidden_states": dict(encoder_length), "logits": dict(decoder_axes)}
+    if past:
+        del dynamic["encoder_hidden_states"]
+    outputs = ["logits"]
+    for i in range(num_layers):
+        for attention, length in (("decoder", "past_decoder_sequence_length"), ("encoder", "encoder_sequence_length")):
+            for kind in ("key", "value"):
+                if past:
+                    inputs.append(f"past_key_values.{i}.{attention}.{kind}")
+                    dynamic[inputs[-1]] = {**batch, 2: length}
+                if attention == "decoder" or not past:
+                    outputs.append(f"present.{i}.{attention}.{kind}")
+                    dynamic[outputs[-1]] = {**batch, 2: total if attention == "decoder" else length}
+    return GraphLayout(
+        task="SEQ_2_SEQ_LM", inputs=inputs, outputs=outputs, dynamic_axes=dynamic, num_layers=num_layers,
+        with_past=past, part="decoder_with_past" if past else "decoder",
     )

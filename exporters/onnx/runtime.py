@@ -1,6 +1,7 @@
 """ONNX Runtime models for exported folders, returning transformers' own output classes.
 
-For transformers 5 users Optimum has no runtime; on 4.57 these folders also load in Optimum's ``ORTModelFor*``.
+For transformers 5 users Optimum has no runtime; on 4.57 these folders also load in Optimum's ``ORTModelFor*``
+(encoder-decoder folders in its ``ORTModelForSeq2SeqLM``, non-merged layout).
 On CUDA, inputs and outputs go through IOBinding and a decoder's cache stays on the device between steps
 (``OrtValue``s bound back as the next step's past), so only logits cross to the host.
 """
@@ -8,7 +9,8 @@ On CUDA, inputs and outputs go through IOBinding and a decoder's cache stays on 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -256,64 +258,222 @@ class ORTModelForCausalLM(ORTModel):
 
     # ------------------------------------------------------------------------------------------------ generate
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int | None = None,
-                 max_length: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, eos_token_id=None, pad_token_id=None,
-                 adapter_ids=None, adapter_names=None, generator: torch.Generator | None = None,
-                 generation_config=None, **kwargs) -> torch.LongTensor:
+    def generate(self, input_ids, attention_mask=None, *, adapter_ids=None, adapter_names=None,
+                 generator: torch.Generator | None = None, generation_config=None, **kwargs) -> torch.LongTensor:
         """Greedy or sampled decoding with the cache, as ``transformers``' ``generate`` does it for these settings:
-        finished rows continue with ``pad_token_id``; decoding stops when every row finished or at the length cap."""
-        config = generation_config or self.generation_config
-        if kwargs.pop("num_beams", 1) not in (None, 1):
-            raise NotImplementedError("Beam search is not supported by ORTModelForCausalLM.generate; use num_beams=1.")
-        kwargs.pop("use_cache", None)
-        if kwargs:
-            raise TypeError(f"generate() got unsupported arguments {sorted(kwargs)}.")
+        finished rows continue with ``pad_token_id``; decoding stops when every row finished or at the length cap.
+        Settings (``max_new_tokens``, ``do_sample``, ``eos_token_id``, ...) as in ``DecodingSettings``."""
         ids = torch.as_tensor(_to_numpy(input_ids, np.int64))
         mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(_to_numpy(attention_mask, np.int64))
-        if max_new_tokens is None:
-            max_new_tokens = getattr(config, "max_new_tokens", None)
-        if max_new_tokens is None:
-            max_new_tokens = max(0, (max_length or getattr(config, "max_length", 20) or 20) - ids.shape[1])
-        do_sample = bool(getattr(config, "do_sample", False) if do_sample is None else do_sample)
-        eos = _as_set(eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None))
-        pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
-        if eos and pad is None:
-            pad = min(eos)
-        warp = _warpers(config, temperature, top_k, top_p) if do_sample else None
+        settings = DecodingSettings.resolve(generation_config or self.generation_config, ids.shape[1], kwargs,
+                                            type(self).__name__)
+        adapter = {"adapter_ids": adapter_ids, "adapter_names": adapter_names}
+        state: dict[str, Any] = {"past": None, "mask": mask, "seen": 0}
+
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            grown = ids.shape[1] - state["mask"].shape[1]
+            if grown:
+                state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(ids.shape[0], grown)], dim=1)
+            # with a cache only the tokens added since the last step run; without one, the whole sequence again
+            feed, _ = self._decoder_feed(ids[:, state["seen"] :], state["mask"], None, state["past"], **adapter)
+            out = self._run(feed, keep_on_device=self.present_names)
+            if self.can_use_cache:
+                state["past"], state["seen"] = [out[name] for name in self.present_names], ids.shape[1]
+            return torch.from_numpy(np.asarray(out["logits"])[:, -1, :]).float()
+
+        return decode(ids, step, settings, generator)
+
+
+class ORTModelForSeq2SeqLM:
+    """Encoder-decoder model (T5, BART) over Optimum's seq2seq files: ``encoder_model.onnx``, ``decoder_model.onnx``
+    (first step: computes the cross-attention cache) and ``decoder_with_past_model.onnx`` (later steps).
+
+    ``past_key_values`` are per layer ``(self key, self value, cross key, cross value)``, as in transformers' legacy
+    format and Optimum. Every prefix is inside the graphs, so the caches hold real tokens only.
+    """
+
+    task: ClassVar[str] = "SEQ_2_SEQ_LM"
+    main_input_name = "input_ids"
+
+    def __init__(self, encoder: ORTModel, decoder: ORTModel, decoder_with_past: ORTModel | None, config,
+                 model_dir: Path, metadata: dict | None = None) -> None:
+        self.encoder, self.decoder, self.decoder_with_past = encoder, decoder, decoder_with_past
+        self.config = config
+        self.model_dir = Path(model_dir)
+        self.metadata = metadata or {}
+        if self.metadata.get("task") not in (None, self.task):
+            raise ValueError(
+                f"{self.model_dir} holds a {self.metadata['task']} export; {type(self).__name__} serves {self.task}."
+            )
+        self.provider, self.device = encoder.provider, encoder.device
+        self.adapters = encoder.adapters
+        self.can_use_cache = decoder_with_past is not None
+        self.generation_config = _generation_config(self.model_dir, config)
+        self.present_names = [n for n in decoder.output_names if n.startswith("present.")]
+        with_past_inputs = decoder_with_past.input_names if decoder_with_past else []
+        self.past_names = [n for n in with_past_inputs if n.startswith("past_key_values.")]
+        self.self_present_names = [n for n in self.present_names if ".decoder." in n]
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, provider: str = "CPUExecutionProvider", *, session_options=None,
+                        provider_options: Mapping[str, Any] | None = None, use_io_binding: bool | None = None,
+                        use_cache: bool = True):
+        from transformers import AutoConfig
+
+        model_dir = Path(model_dir)
+        for name in (L.ENCODER_FILE_NAME, L.DECODER_FILE_NAME):
+            if not (model_dir / name).is_file():
+                raise FileNotFoundError(
+                    f"No {name} in {model_dir}; export an encoder-decoder model with exporters.onnx.export(...)."
+                )
+        metadata_path = model_dir / L.METADATA_FILE_NAME
+        metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
+        config = AutoConfig.from_pretrained(str(model_dir))
+
+        def part(name: str) -> ORTModel:
+            session = create_session(model_dir / name, provider, session_options=session_options,
+                                     provider_options=provider_options)
+            return ORTModel(session, config, model_dir, metadata, use_io_binding)
+
+        with_past = use_cache and (model_dir / L.DECODER_WITH_PAST_FILE_NAME).is_file()
+        decoder_with_past = part(L.DECODER_WITH_PAST_FILE_NAME) if with_past else None
+        return cls(part(L.ENCODER_FILE_NAME), part(L.DECODER_FILE_NAME), decoder_with_past, config, model_dir,
+                   metadata)
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def get_encoder(self):
+        return self.encode
+
+    def encode(self, input_ids, attention_mask=None, adapter_ids=None, adapter_names=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        out = self.encoder._forward_outputs(input_ids=input_ids, attention_mask=attention_mask,
+                                            adapter_ids=adapter_ids, adapter_names=adapter_names, **kwargs)
+        return BaseModelOutput(last_hidden_state=out["last_hidden_state"])
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None,
+                past_key_values=None, use_cache=None, adapter_ids=None, adapter_names=None, **kwargs):
+        """One decoder pass (encoding first unless ``encoder_outputs`` is given), like the PyTorch model's forward."""
+        from transformers.modeling_outputs import Seq2SeqLMOutput
 
         adapter = {"adapter_ids": adapter_ids, "adapter_names": adapter_names}
-        past = None
-        step_ids = ids
-        finished = torch.zeros(ids.shape[0], dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            feed, _ = self._decoder_feed(step_ids, mask, None, past, **adapter)
-            out = self._run(feed, keep_on_device=self.present_names)
-            logits = torch.from_numpy(np.asarray(out["logits"])[:, -1, :]).float()
-            if do_sample:
-                scores = warp(ids, logits)
-                token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
-            else:
-                token = logits.argmax(-1)
-            if pad is not None:
-                token = torch.where(finished, torch.full_like(token, pad), token)
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            if eos:
-                finished |= torch.isin(token, torch.tensor(sorted(eos)))
-                if bool(finished.all()):
-                    break
+        unknown = [k for k, v in kwargs.items() if v is not None and k not in ("return_dict", "output_attentions",
+                                                                               "output_hidden_states")]
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unsupported arguments {unknown}.")
+        if decoder_input_ids is None:
+            raise ValueError("decoder_input_ids is required (start with the decoder start token).")
+        if encoder_outputs is None:
+            if input_ids is None:
+                raise ValueError("Pass input_ids (to encode) or encoder_outputs.")
+            encoder_outputs = self.encode(input_ids, attention_mask, **adapter)
+        hidden = encoder_outputs if isinstance(encoder_outputs, torch.Tensor) else encoder_outputs[0]
+        if attention_mask is None:
+            attention_mask = np.ones(tuple(hidden.shape[:2]), dtype=np.int64)
+        past = _flatten_past(past_key_values, per_layer=4)
+        out = self._decode_step(decoder_input_ids, attention_mask, hidden, past, adapter)
+        logits = torch.from_numpy(np.asarray(out["logits"]))
+        new_past = None
+        if use_cache is not False and (self.can_use_cache or past is None):
+            new_past = self._merge_past(out, past, to_torch=True)
+        return Seq2SeqLMOutput(logits=logits, past_key_values=new_past,
+                               encoder_last_hidden_state=torch.as_tensor(np.asarray(hidden)))
+
+    def _decode_step(self, ids, encoder_mask, hidden, past: list | None, adapter: dict,
+                     keep_on_device: Sequence[str] = ()) -> dict[str, Any]:
+        """Run ``decoder_model`` (no past) or ``decoder_with_past_model``; outputs by name."""
+        ids = _to_numpy(ids, np.int64)
+        mask = _to_numpy(encoder_mask, np.int64)
+        if past is None:
+            part = self.decoder
+            feed = {"input_ids": ids, "encoder_attention_mask": mask,
+                    "encoder_hidden_states": _to_numpy(hidden, part.input_dtypes["encoder_hidden_states"])}
+        else:
+            part = self.decoder_with_past
+            if part is None:
+                raise ValueError(f"{self.model_dir} was exported without {L.DECODER_WITH_PAST_FILE_NAME} (or loaded "
+                                 "with use_cache=False): pass the whole decoder sequence without past_key_values.")
+            if len(past) != len(self.past_names):
+                raise ValueError(f"past_key_values holds {len(past)} tensors; the graph takes {len(self.past_names)} "
+                                 "(per layer: self key, self value, cross key, cross value).")
+            feed = {"input_ids": ids, "encoder_attention_mask": mask}
+            dtype = part.input_dtypes[self.past_names[0]]
+            for name, value in zip(self.past_names, past):
+                feed[name] = value if hasattr(value, "device_name") else _to_numpy(value, dtype)
+        if L.ADAPTER_IDS_INPUT in part.input_names:
+            feed[L.ADAPTER_IDS_INPUT] = part._adapter_ids(adapter["adapter_ids"], adapter["adapter_names"],
+                                                          ids.shape[0])
+        elif adapter["adapter_ids"] is not None or adapter["adapter_names"] is not None:
+            if not self.adapters:
+                raise ValueError("This export holds a single adapter; adapter_ids/adapter_names do not apply.")
+        return part._run(feed, keep_on_device=keep_on_device)
+
+    def _merge_past(self, out: dict, past: list | None, to_torch: bool = False) -> tuple | list:
+        """The next step's past: the new self-attention cache, and the cross-attention cache (computed at the first
+        step, carried unchanged afterwards)."""
+        if past is None:
+            flat = [out[name] for name in self.present_names]
+        else:
+            own = [out[name] for name in self.self_present_names]
+            flat = []
+            for layer in range(len(own) // 2):
+                flat.extend([own[2 * layer], own[2 * layer + 1], past[4 * layer + 2], past[4 * layer + 3]])
+        if not to_torch:
+            return flat
+        tensors = [v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(
+            v.numpy() if hasattr(v, "device_name") else v)) for v in flat]
+        return tuple(tuple(tensors[i : i + 4]) for i in range(0, len(tensors), 4))
+
+    # ------------------------------------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, *, encoder_outputs=None, decoder_input_ids=None,
+                 decoder_start_token_id: int | None = None, adapter_ids=None, adapter_names=None,
+                 generator: torch.Generator | None = None, generation_config=None, **kwargs) -> torch.LongTensor:
+        """Encode once, then decode greedily or by sampling with the cache (same loop and settings as
+        ``ORTModelForCausalLM.generate``). Returns the decoder sequences, starting with the decoder start token."""
+        config = generation_config or self.generation_config
+        adapter = {"adapter_ids": adapter_ids, "adapter_names": adapter_names}
+        if encoder_outputs is None:
+            if input_ids is None:
+                raise ValueError("Pass input_ids (to encode) or encoder_outputs.")
+            encoder_outputs = self.encode(input_ids, attention_mask, **adapter)
+        hidden = encoder_outputs if isinstance(encoder_outputs, torch.Tensor) else encoder_outputs[0]
+        batch = hidden.shape[0]
+        mask = np.ones(tuple(hidden.shape[:2]), np.int64) if attention_mask is None else attention_mask
+        if decoder_input_ids is None:
+            start = decoder_start_token_id
+            if start is None:
+                start = getattr(config, "decoder_start_token_id", None)
+            if start is None:
+                start = getattr(self.config, "decoder_start_token_id", None)
+            if start is None:
+                raise ValueError("No decoder_start_token_id in the generation config or model config; pass one.")
+            decoder_input_ids = torch.full((batch, 1), int(start), dtype=torch.long)
+        ids = torch.as_tensor(_to_numpy(decoder_input_ids, np.int64))
+        settings = DecodingSettings.resolve(config, ids.shape[1], kwargs, type(self).__name__)
+        state: dict[str, Any] = {"past": None, "seen": 0}
+
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            keep = self.present_names if self.can_use_cache else ()
+            out = self._decode_step(ids[:, state["seen"] :], mask, hidden, state["past"], adapter, keep)
             if self.can_use_cache:
-                past = [out[name] for name in self.present_names]
-                step_ids = token[:, None]
-            else:  # no cache: every step re-reads the whole sequence
-                step_ids = ids
-        return ids
+                state["past"], state["seen"] = self._merge_past(out, state["past"]), ids.shape[1]
+            return torch.from_numpy(np.asarray(out["logits"])[:, -1, :]).float()
+
+        return decode(ids, step, settings, generator)
 
 
-def _flatten_past(past) -> list | None:
+def _flatten_past(past, per_layer: int = 2) -> list | None:
+    """Flat past in graph order from a transformers cache or legacy tuples (``per_layer`` tensors per layer: 2 for
+    decoders, 4 for encoder-decoders)."""
     if past is None:
         return None
+    if hasattr(past, "self_attention_cache"):  # transformers' EncoderDecoderCache
+        from .seq2seq import flatten_encoder_decoder_cache
+
+        return flatten_encoder_decoder_cache(past) or None
     if hasattr(past, "layers") or hasattr(past, "key_cache"):  # a transformers Cache
         from .export import flatten_cache
 
@@ -321,7 +481,7 @@ def _flatten_past(past) -> list | None:
     flat: list = []
     for item in past:
         if isinstance(item, (tuple, list)):
-            flat.extend(item[:2])
+            flat.extend(item[:per_layer])
         else:
             flat.append(item)
     return flat or None
@@ -332,6 +492,92 @@ def _past_length(flat) -> int:
         return 0
     shape = flat[0].shape() if callable(getattr(flat[0], "shape", None)) else flat[0].shape
     return int(shape[2])
+
+
+# ------------------------------------------------------------------------------------------------- decoding
+@dataclass
+class DecodingSettings:
+    """What ``generate`` does, resolved from its arguments over the generation config, as transformers does it for
+    greedy search and sampling. ``start_length`` is the length of the sequence decoding continues (prompt, or the
+    decoder start token)."""
+
+    max_new_tokens: int
+    do_sample: bool
+    eos: set[int]
+    pad: int | None
+    processors: Any  # LogitsProcessorList: min length, forced BOS/EOS, repetition penalty, no-repeat n-grams
+    warpers: Any  # LogitsProcessorList: temperature, top-k, top-p (sampling only)
+
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p",
+        "eos_token_id", "pad_token_id", "forced_bos_token_id", "forced_eos_token_id", "repetition_penalty",
+        "no_repeat_ngram_size",
+    )
+
+    @classmethod
+    def resolve(cls, config, start_length: int, kwargs: dict, owner: str) -> DecodingSettings:
+        from transformers.generation import logits_process as lp
+
+        if kwargs.pop("num_beams", 1) not in (None, 1):
+            raise NotImplementedError(f"Beam search is not supported by {owner}.generate; use num_beams=1.")
+        kwargs.pop("use_cache", None)
+        unknown = sorted(k for k in kwargs if k not in cls.KEYS)
+        if unknown:
+            raise TypeError(f"generate() got unsupported arguments {unknown}.")
+
+        def get(name: str, default=None):
+            value = kwargs.get(name)
+            return value if value is not None else getattr(config, name, default)
+
+        max_new = kwargs.get("max_new_tokens")
+        if max_new is None and kwargs.get("max_length") is None:
+            max_new = getattr(config, "max_new_tokens", None)
+        if max_new is None:
+            max_new = max(0, (get("max_length", 20) or 20) - start_length)
+        eos = _as_set(get("eos_token_id"))
+        pad = get("pad_token_id")
+        if eos and pad is None:
+            pad = min(eos)
+        processors = lp.LogitsProcessorList()
+        if (get("repetition_penalty", 1.0) or 1.0) != 1.0:
+            processors.append(lp.RepetitionPenaltyLogitsProcessor(float(get("repetition_penalty"))))
+        if get("no_repeat_ngram_size", 0):
+            processors.append(lp.NoRepeatNGramLogitsProcessor(int(get("no_repeat_ngram_size"))))
+        min_new = max(int(get("min_new_tokens", 0) or 0), int(get("min_length", 0) or 0) - start_length)
+        if eos and min_new > 0:
+            processors.append(lp.MinNewTokensLengthLogitsProcessor(start_length, min_new, sorted(eos)))
+        if get("forced_bos_token_id") is not None:
+            processors.append(lp.ForcedBOSTokenLogitsProcessor(int(get("forced_bos_token_id"))))
+        if get("forced_eos_token_id") is not None:
+            processors.append(lp.ForcedEOSTokenLogitsProcessor(start_length + max_new, get("forced_eos_token_id")))
+        do_sample = bool(get("do_sample", False))
+        warpers = _warpers(config, kwargs.get("temperature"), kwargs.get("top_k"), kwargs.get("top_p"))
+        return cls(int(max_new), do_sample, eos, pad, processors, warpers if do_sample else None)
+
+
+def decode(ids: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor], settings: DecodingSettings,
+           generator: torch.Generator | None = None) -> torch.LongTensor:
+    """The token loop shared by decoder-only and encoder-decoder models.
+
+    ``step(ids)`` returns the next-token logits (batch, vocab) for the sequences so far; it keeps its own cache.
+    """
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool)
+    eos = torch.tensor(sorted(settings.eos), dtype=torch.long)
+    for _ in range(settings.max_new_tokens):
+        scores = settings.processors(ids, step(ids))
+        if settings.do_sample:
+            scores = settings.warpers(ids, scores)
+            token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+        else:
+            token = scores.argmax(-1)
+        if settings.pad is not None:
+            token = torch.where(finished, torch.full_like(token, settings.pad), token)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        if settings.eos:
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()):
+                break
+    return ids
 
 
 def _as_set(value) -> set[int]:
@@ -377,10 +623,11 @@ TASK_TO_CLASS = {
     "QUESTION_ANS": ORTModelForQuestionAnswering,
     "FEATURE_EXTRACTION": ORTModelForFeatureExtraction,
     "CAUSAL_LM": ORTModelForCausalLM,
+    "SEQ_2_SEQ_LM": ORTModelForSeq2SeqLM,
 }
 
 
-def load(model_dir: str | Path, provider: str = "CPUExecutionProvider", **kwargs) -> ORTModel:
+def load(model_dir: str | Path, provider: str = "CPUExecutionProvider", **kwargs) -> ORTModel | ORTModelForSeq2SeqLM:
     """The right ``ORTModelFor*`` for an exported folder, read from its metadata."""
     metadata_path = Path(model_dir) / L.METADATA_FILE_NAME
     if not metadata_path.is_file():

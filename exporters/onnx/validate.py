@@ -1,8 +1,9 @@
 """Parity check run by ``export``: PyTorch (the PeftModel, as users run it) against ONNX Runtime on the same inputs.
 
 Several batch sizes and lengths with padded rows; decoders are stepped from an empty past, so the check also proves
-the prefix never entered the cache. With several adapters, each row's adapter is compared with PyTorch running that
-adapter.
+the prefix never entered the cache. Encoder-decoder models: the encoder output, the first decoder pass (padded
+encoder rows) and several cached steps are compared, and the caches themselves. With several adapters, each row's
+adapter is compared with PyTorch running that adapter.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .export import build_layout, sample_inputs
 ENCODER_SHAPES = ((1, 4), (2, 7), (3, 11))
 DECODER_SHAPES = ((1, 3), (3, 6))
 DECODE_STEPS = 3
+SEQ2SEQ_SHAPES = ((1, 4, 1), (3, 7, 3))  # batch, encoder length, decoder length of the first pass
 
 
 @dataclass
@@ -66,7 +68,9 @@ def check_parity(model, folder: str | Path, adapters: list[str] | None = None, *
     names = adapters or [None]
     for index, name in enumerate(names):
         with _active_adapter(model, name), torch.no_grad():
-            if ort_model.task == "CAUSAL_LM":
+            if ort_model.task == "SEQ_2_SEQ_LM":
+                _check_seq2seq(model, ort_model, report, index if adapters else None, name)
+            elif ort_model.task == "CAUSAL_LM":
                 _check_decoder(model, ort_model, report, index if adapters else None, name)
             else:
                 _check_encoder(model, ort_model, report, index if adapters else None, name)
@@ -136,6 +140,45 @@ def _check_decoder(model, ort_model, report: ParityReport, adapter_id, name) -> 
         got = [t for pair in ort_past for t in pair]
         report.add(f"{tag}present batch={batch} len={length}", torch.stack([t.float() for t in expected]),
                    torch.stack([t.float() for t in got]))
+
+
+def _check_seq2seq(model, ort_model, report: ParityReport, adapter_id, name) -> None:
+    from .seq2seq import flatten_encoder_decoder_cache
+
+    generator = torch.Generator().manual_seed(1)
+    tag = f"[{name}] " if name else ""
+    vocab = int(model.config.vocab_size)
+    for batch, length, decoder_length in SEQ2SEQ_SHAPES:
+        case = f"{tag}batch={batch} len={length}"
+        ids = torch.randint(3, vocab, (batch, length), generator=generator)
+        mask = torch.ones_like(ids)
+        if batch > 1:
+            mask[-1, -2:] = 0
+        decoder_ids = torch.randint(3, vocab, (batch, decoder_length), generator=generator)
+        inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_ids}
+        reference = model(**_device_inputs(model, inputs), use_cache=True)
+        actual = ort_model(**inputs, adapter_ids=_ids(adapter_id, batch))
+        report.add(f"{tag}encoder last_hidden_state {case}", reference.encoder_last_hidden_state,
+                   actual.encoder_last_hidden_state)
+        report.add(f"{tag}logits {case} (empty past)", reference.logits, actual.logits)
+        if not ort_model.can_use_cache:
+            continue
+        encoder_outputs = (reference.encoder_last_hidden_state,)
+        torch_past, ort_past = reference.past_key_values, actual.past_key_values
+        for step in range(DECODE_STEPS):
+            token = torch.randint(3, vocab, (batch, 1), generator=generator)
+            reference = model(encoder_outputs=encoder_outputs, **_device_inputs(model, {"attention_mask": mask,
+                              "decoder_input_ids": token}), past_key_values=torch_past, use_cache=True)
+            actual = ort_model(encoder_outputs=actual.encoder_last_hidden_state, attention_mask=mask,
+                               decoder_input_ids=token, past_key_values=ort_past, adapter_ids=_ids(adapter_id, batch))
+            report.add(f"{tag}logits {case} step={step + 1}", reference.logits, actual.logits)
+            torch_past, ort_past = reference.past_key_values, actual.past_key_values
+        expected = flatten_encoder_decoder_cache(torch_past)
+        got = [t for layer in ort_past for t in layer]
+        for kind, index in (("self-attention", 0), ("cross-attention", 2)):
+            pick = [i for i in range(len(expected)) if i % 4 in (index, index + 1)]
+            report.add(f"{tag}{kind} cache {case}", torch.stack([expected[i].float() for i in pick]),
+                       torch.stack([got[i].float() for i in pick]))
 
 
 def _ids(adapter_id, batch: int):
