@@ -69,3 +69,85 @@ def read_text_classification(path: str | os.PathLike, limit: int | None = None) 
     if not texts:
         raise ValueError(f"{path} holds no examples.")
     return texts, labels
+
+
+# ------------------------------------------------------------------------------------- generated data (offline)
+_POSITIVE = ["good", "great", "wonderful", "moving", "funny", "brilliant", "charming", "delightful", "sharp", "warm"]
+_NEGATIVE = ["bad", "dull", "boring", "awful", "tedious", "clumsy", "bland", "painful", "lifeless", "shallow"]
+_SUBJECTS = ["the film", "this movie", "the story", "the acting", "the script", "the ending", "the cast", "the plot",
+             "the direction", "the soundtrack", "the dialogue", "the whole thing"]
+_FRAMES = ["{s} is {a} .", "{s} was {a} and {a2} .", "i found {s} {a} .", "{s} feels {a} , honestly .",
+           "what a {a} experience ; {s} is {a2} .", "{s} is not {na} at all ."]
+
+
+def generated_sentiment(size: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    """A small English sentiment set built from templates (label 1 = positive), for runs without any data.
+
+    Negated frames ("is not dull") carry the opposite word, so a bag of words alone does not solve it.
+    """
+    import random
+
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(size):
+        label = rng.randint(0, 1)
+        same, other = (_POSITIVE, _NEGATIVE) if label else (_NEGATIVE, _POSITIVE)
+        frame = rng.choice(_FRAMES)
+        text = frame.format(s=rng.choice(_SUBJECTS), a=rng.choice(same), a2=rng.choice(same), na=rng.choice(other))
+        texts.append(text)
+        labels.append(label)
+    return texts, labels
+
+
+def load_hub_text_classification(name: str, config: str | None, split: str, limit: int | None = None):
+    """(texts, labels) of a hub dataset split through the ``datasets`` library, imported only when asked for."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise RuntimeError(
+            f"--dataset {name} needs the 'datasets' library (pip install datasets); offline, pass --train-file and "
+            "--validation-file instead."
+        ) from error
+    data = datasets.load_dataset(name, config, split=split)
+    text_key = next((k for k in ("sentence", "text", "sentence1") if k in data.column_names), None)
+    if text_key is None or "label" not in data.column_names:
+        raise ValueError(f"{name}[{split}] needs 'label' and 'sentence'/'text' columns; has {data.column_names}.")
+    if limit is not None:
+        data = data.select(range(min(limit, len(data))))
+    return [str(t) for t in data[text_key]], [int(x) for x in data["label"]]
+
+
+# ------------------------------------------------------------------------------------------- Trainer plumbing
+class Encoded:
+    """Tokenized (text, label) rows for the Trainer, unpadded (``DataCollatorWithPadding`` pads each batch)."""
+
+    def __init__(self, tokenizer, texts: list[str], labels: list[int], max_length: int) -> None:
+        self.encodings = tokenizer(texts, truncation=True, max_length=max_length)
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        row = {key: values[index] for key, values in self.encodings.items()}
+        row["labels"] = self.labels[index]
+        return row
+
+
+def accuracy(eval_pred) -> dict[str, float]:
+    """``compute_metrics`` for classification: share of argmax predictions equal to the label."""
+    import numpy as np
+
+    logits, labels = eval_pred
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+def warmup_kwargs(ratio: float) -> dict:
+    """TrainingArguments for a warmup over ``ratio`` of the steps: transformers 5 folded warmup_ratio into
+    warmup_steps (a float below 1 is a ratio)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"warmup_ratio": ratio} if "warmup_ratio" in names else {"warmup_steps": ratio}

@@ -4,7 +4,8 @@
 ``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and the ``AutoPeftModelFor*`` classes handle its adapters.
 """
 
-from .config import PTuningV2Config
+from .callbacks import ExportOnnxCallback
+from .config import RECOMMENDED_LEARNING_RATE, PTuningV2Config
 from .layer import PTuningV2Layer
 from .model import PTuningV2Model
 from .prefix_encoder import PrefixEncoder
@@ -12,5 +13,14 @@ from .registration import register
 
 PEFT_TYPE = register()
 
-__all__ = ["PEFT_TYPE", "PTuningV2Config", "PTuningV2Layer", "PTuningV2Model", "PrefixEncoder", "register"]
+__all__ = [
+    "PEFT_TYPE",
+    "RECOMMENDED_LEARNING_RATE",
+    "ExportOnnxCallback",
+    "PTuningV2Config",
+    "PTuningV2Layer",
+    "PTuningV2Model",
+    "PrefixEncoder",
+    "register",
+]
 __version__ = "0.1.0"

@@ -12,6 +12,11 @@ from .registration import PEFT_TYPE_NAME, _add_peft_type_member
 # A prefix longer than this is almost certainly a mistake (it would dwarf every real input), not a design choice.
 MAX_VIRTUAL_TOKENS = 4096
 
+# AdamW learning rate for the default adapter (projection on) and the task head, one rate for both (HF Trainer's
+# `learning_rate`). Higher rates (PEFT prefix tuning's usual 1e-2) blow the prefix keys up through the MLP within tens
+# of steps: attention then goes to the prefix and the model predicts one class. Evidence: benchmarks/defaults_study.py.
+RECOMMENDED_LEARNING_RATE = 1e-3
+
 
 @dataclass
 class PTuningV2Config(PeftConfig):

@@ -1,0 +1,270 @@
+"""The HF Trainer with P-Tuning v2 adapters: gradient checkpointing, resume, best-model reload, checkpoint rotation.
+
+Tiny models and a handful of steps; every test compares against a reference run or the saved files, so a Trainer
+feature that silently stops training (or reloading) the prefix fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from peft import get_peft_model, get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from ptv2_plugin import PTuningV2Config
+from tests.tiny_models import VOCAB, tiny_model
+
+LENGTH = 8
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """A bf16 Trainer leaves ACCELERATE_MIXED_PRECISION in os.environ (4.57), turning later Trainers bf16 too."""
+    from accelerate.state import AcceleratorState
+
+    environ = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+class ToyDataset(torch.utils.data.Dataset):
+    """Random token rows; the label is whether the first token is in the upper half of the vocabulary."""
+
+    def __init__(self, size: int = 32, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(3, VOCAB, (size, LENGTH), generator=generator)
+        self.labels = (self.input_ids[:, 0] >= VOCAB // 2).long()
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.input_ids[index]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": self.labels[index]}
+
+
+def peft_model(arch: str = "bert", prefix_seed: int = 0):
+    base = tiny_model(arch, "SEQ_CLS")
+    torch.manual_seed(prefix_seed)
+    return get_peft_model(base, PTuningV2Config(task_type="SEQ_CLS", num_virtual_tokens=4))
+
+
+def training_args(output_dir, **overrides) -> TrainingArguments:
+    kwargs = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        learning_rate=1e-2,
+        max_steps=3,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=7,
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def prefix_state(model) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in trainable_state(model).items() if "ptv2_prefix_encoder" in k}
+
+
+def assert_states_equal(actual: dict, expected: dict, atol: float = 0.0) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=atol, rtol=0, msg=name)
+
+
+def saved_adapter(folder) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------- gradient checkpointing
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_trains_prefix_like_plain_training(tmp_path, arch, use_reentrant):
+    """Checkpointed training must move the prefix exactly as plain training does (reentrant needs input grads)."""
+    reference = peft_model(arch)
+    initial = prefix_state(reference)
+    Trainer(model=reference, args=training_args(tmp_path / "plain"), train_dataset=ToyDataset()).train()
+
+    model = peft_model(arch)
+    args = training_args(
+        tmp_path / "gc", gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": use_reentrant}
+    )
+    Trainer(model=model, args=args, train_dataset=ToyDataset()).train()
+
+    assert model.get_base_model().is_gradient_checkpointing
+    trained = prefix_state(model)
+    assert all(not torch.equal(trained[k], initial[k]) for k in initial), "checkpointing froze (part of) the prefix"
+    assert_states_equal(trained, prefix_state(reference), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_bf16_autocast_trains_prefix(tmp_path, arch):
+    """bf16 mixed precision (CPU autocast here): attention runs in bf16, the prefix and head stay fp32 and learn."""
+    model = peft_model(arch)
+    initial = prefix_state(model)
+    seen: set[torch.dtype] = set()
+    layer = next(m for m in model.modules() if type(m).__name__ == "PTuningV2Layer")
+    layer.register_forward_hook(lambda module, args, output: seen.add(output[0].dtype))
+    Trainer(model=model, args=training_args(tmp_path, bf16=True), train_dataset=ToyDataset()).train()
+
+    assert torch.bfloat16 in seen
+    trained = prefix_state(model)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in trained.values())
+    assert all(not torch.equal(trained[k], initial[k]) for k in initial)
+
+
+def test_torch_compile_trains_prefix_like_eager(tmp_path):
+    """Trainer's torch_compile (aot_eager backend: dynamo + AOT autograd, no C++ toolchain needed in CI)."""
+    reference = peft_model("bert")
+    Trainer(model=reference, args=training_args(tmp_path / "eager"), train_dataset=ToyDataset()).train()
+    model = peft_model("bert")
+    args = training_args(tmp_path / "compiled", torch_compile=True, torch_compile_backend="aot_eager")
+    Trainer(model=model, args=args, train_dataset=ToyDataset()).train()
+    assert_states_equal(prefix_state(model), prefix_state(reference), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_resume_from_checkpoint_continues_with_identical_state(tmp_path, arch):
+    args = dict(max_steps=6, save_strategy="steps", save_steps=3, lr_scheduler_type="linear")
+    full = peft_model(arch)
+    Trainer(model=full, args=training_args(tmp_path / "full", **args), train_dataset=ToyDataset()).train()
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
+
+    # A different prefix init: only a real reload of the checkpoint can reproduce the uninterrupted run.
+    resumed = peft_model(arch, prefix_seed=123)
+    trainer = Trainer(model=resumed, args=training_args(tmp_path / "resumed", **args), train_dataset=ToyDataset())
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+
+    assert trainer.state.global_step == 6
+    assert_states_equal(trainable_state(resumed), trainable_state(full), atol=1e-6)
+    saved = saved_adapter(tmp_path / "resumed" / "checkpoint-6")
+    reference = saved_adapter(tmp_path / "full" / "checkpoint-6")
+    assert_states_equal(saved, reference, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- load_best_model_at_end, rotation
+class _ScriptedScores:
+    """compute_metrics with a fixed score per evaluation (best at the 2nd), plus the real accuracy."""
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = list(scores)
+        self.calls = 0
+
+    def __call__(self, eval_pred) -> dict[str, float]:
+        logits, labels = eval_pred
+        accuracy = float((logits.argmax(-1) == labels).mean())
+        score = self.scores[min(self.calls, len(self.scores) - 1)]
+        self.calls += 1
+        return {"accuracy": accuracy, "score": score}
+
+
+class _RecordStates(TrainerCallback):
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+        self.saved_form: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.states[state.global_step] = trainable_state(model)
+        self.saved_form[state.global_step] = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_load_best_model_at_end_restores_best_adapter(tmp_path, arch):
+    model = peft_model(arch)
+    recorder = _RecordStates()
+    metrics = _ScriptedScores([0.1, 0.9, 0.3, 0.2])
+    strategy = "steps"
+    args = training_args(
+        tmp_path,
+        max_steps=4,
+        eval_strategy=strategy,
+        eval_steps=1,
+        save_strategy=strategy,
+        save_steps=1,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="score",
+        greater_is_better=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=ToyDataset(),
+        eval_dataset=ToyDataset(16, seed=1),
+        compute_metrics=metrics,
+        callbacks=[recorder],
+    )
+    trainer.train()
+
+    assert metrics.calls == 4
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    # save_total_limit=2 with load_best_model_at_end keeps the best and the latest checkpoint, nothing else.
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert_states_equal(trainable_state(model), recorder.states[2])
+    for step in (2, 4):  # the checkpoint files hold exactly the adapter as it was at that step
+        assert_states_equal(saved_adapter(tmp_path / f"checkpoint-{step}"), recorder.saved_form[step])
+    embedding = "base_model.ptv2_prefix_encoder.default.embedding.weight"
+    assert not torch.equal(recorder.states[2][embedding], recorder.states[4][embedding])
+    # The reloaded adapter is still trainable and evaluates to the metrics logged for step 2.
+    assert all(p.requires_grad for p in model.base_model.ptv2_prefix_encoder.parameters())
+    state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    logged = [e for e in state["log_history"] if e.get("step") == 2 and "eval_loss" in e][0]
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(logged["eval_loss"], abs=1e-5)
+
+
+
+# ------------------------------------------------------------------------------------------ ExportOnnxCallback
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_export_onnx_callback_exports_the_best_adapter(tmp_path, arch):
+    from exporters.onnx import ORTModelForSequenceClassification
+    from ptv2_plugin import ExportOnnxCallback
+    from tests.tiny_models import sample_inputs
+
+    model = peft_model(arch)
+    recorder, export = _RecordStates(), ExportOnnxCallback()
+    args = training_args(
+        tmp_path,
+        max_steps=2,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="score",
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=ToyDataset(),
+        eval_dataset=ToyDataset(16, seed=1),
+        compute_metrics=_ScriptedScores([0.9, 0.1]),
+        callbacks=[recorder, export],
+    )
+    trainer.train()
+
+    assert export.export_dir == tmp_path / "onnx"
+    assert_states_equal(trainable_state(model), recorder.states[1])  # the best adapter, not the last
+    assert export.report["argmax_agreement"] == 1.0 and export.report["max_abs_diff"] < 1e-4
+    ort_model = ORTModelForSequenceClassification.from_pretrained(export.export_dir)
+    inputs = sample_inputs(arch)
+    with torch.no_grad():
+        expected = model.eval()(**inputs).logits
+    torch.testing.assert_close(torch.as_tensor(ort_model(**inputs).logits), expected, atol=1e-4, rtol=0)
