@@ -25,6 +25,7 @@ import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from . import layout as L
-from .tracing import eval_mode, prefix_from_feed, traceable_masks
+from .tracing import eval_mode, heads_from_feed, prefix_from_feed, traceable_masks
 
 logger = logging.getLogger(__name__)
 
@@ -413,7 +414,7 @@ def _trace(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.Tenso
     args.extend(t.to(device) for t in prefix.values())
     input_names.extend(prefix)
     with prefix_from_feed(inner, names) as feed, traceable_masks(), eval_mode(inner), torch.no_grad(), \
-            warnings.catch_warnings():
+            warnings.catch_warnings(), (heads_from_feed(inner, names, feed) if multi else nullcontext()):
         # Shape-dependent Python branches the tracer warns about are covered by the parity check across shapes.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         wrapper = _ExportWrapper(inner, graph, feed, multi, len(prefix) // 2).eval()

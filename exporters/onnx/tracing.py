@@ -68,6 +68,33 @@ def prefix_from_feed(model: nn.Module, adapters: Sequence[str]) -> Iterator[Pref
 
 
 @contextmanager
+def heads_from_feed(model: nn.Module, adapters: Sequence[str], feed: PrefixFeed) -> Iterator[None]:
+    """Multi-adapter export: every task head (PEFT's modules_to_save) runs each adapter's copy and keeps, per row,
+    the output of the row's adapter (``feed.adapter_ids``), so a row gets its own prefix *and* its own head."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    wrappers = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+
+    def per_row(wrapper: ModulesToSaveWrapper):
+        def forward(hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            heads = [wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
+                     for name in adapters]
+            stacked = torch.stack([head(hidden, *args, **kwargs) for head in heads], dim=1)  # (batch, adapters, ..)
+            index = feed.adapter_ids.view(-1, *([1] * (stacked.dim() - 1))).expand(-1, 1, *stacked.shape[2:])
+            return stacked.gather(1, index).squeeze(1)
+
+        return forward
+
+    try:
+        for wrapper in wrappers:
+            wrapper.forward = per_row(wrapper)
+        yield
+    finally:
+        for wrapper in wrappers:
+            wrapper.__dict__.pop("forward", None)
+
+
+@contextmanager
 def eval_mode(*modules: nn.Module) -> Iterator[None]:
     """Eval mode during export; every module's own training flag is restored afterwards."""
     saved = [(m, m.training) for module in modules for m in module.modules()]
