@@ -32,6 +32,8 @@ from examples.common import (
     read_text_classification,
     warmup_kwargs,
 )
+from ptv2_plugin.config import RECOMMENDED_LEARNING_RATE
+from ptv2_plugin.training import RECOMMENDED_HEAD_LEARNING_RATE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--epochs", type=float, default=3.0)
     train.add_argument("--max-steps", type=int, default=-1, help="stop after N optimizer steps (smoke runs)")
     train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW lr for the prefix and the head")
+    train.add_argument(
+        "--learning-rate", type=float, default=RECOMMENDED_LEARNING_RATE, help="AdamW lr for the prefix"
+    )
+    train.add_argument(
+        "--head-learning-rate", type=float, default=RECOMMENDED_HEAD_LEARNING_RATE, help="AdamW lr for the task head"
+    )
     train.add_argument("--warmup-ratio", type=float, default=0.06)
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--seed", type=int, default=42)
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         set_seed,
     )
 
-    from ptv2_plugin import ExportOnnxCallback, PTuningV2Config
+    from ptv2_plugin import ExportOnnxCallback, PTuningV2Config, create_optimizer
 
     set_seed(args.seed)
     if args.threads:
@@ -174,9 +181,11 @@ def main(argv: list[str] | None = None) -> dict:
         bars["export"].update()
 
     export_callback = ExportOnnxCallback(output_dir / "onnx", progress=export_progress)
+    optimizer = create_optimizer(model, args.learning_rate, args.head_learning_rate, args.weight_decay)
     trainer = Trainer(
         model=model,
         args=training_args,
+        optimizers=(optimizer, None),  # two learning rates: prefix and head (ptv2_plugin.training)
         train_dataset=Encoded(tokenizer, train_texts, train_labels, args.max_length),
         eval_dataset=Encoded(tokenizer, val_texts, val_labels, args.max_length),
         data_collator=DataCollatorWithPadding(tokenizer),
