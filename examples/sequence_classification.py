@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="prefix learning rate")
+    parser.add_argument("--head-learning-rate", type=float, default=1e-2, help="task head learning rate")
     parser.add_argument("--num-virtual-tokens", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=64)
     args = parser.parse_args(argv)
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
         TrainingArguments,
     )
 
-    from ptv2_plugin import PTuningV2Config
+    from ptv2_plugin import PTuningV2Config, create_optimizer
 
     train_texts, train_labels = read_text_classification(train_file, limit=args.max_train_samples)
     val_texts, val_labels = read_text_classification(validation_file, limit=args.max_eval_samples)
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.max_steps > 0
     trainer = Trainer(
         model=model,
+        optimizers=(create_optimizer(model, args.learning_rate, args.head_learning_rate), None),
         args=TrainingArguments(
             output_dir=f"{args.output_dir}/checkpoints",
             num_train_epochs=args.epochs,

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-size", type=int, default=200)
     parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="prefix learning rate")
+    parser.add_argument("--head-learning-rate", type=float, default=1e-2, help="task head learning rate")
     parser.add_argument("--num-virtual-tokens", type=int, default=16)
     args = parser.parse_args(argv)
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         TrainingArguments,
     )
 
-    from ptv2_plugin import PTuningV2Config
+    from ptv2_plugin import PTuningV2Config, create_optimizer
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     base = AutoModelForTokenClassification.from_pretrained(
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.print_trainable_parameters()
     trainer = Trainer(
         model=model,
+        optimizers=(create_optimizer(model, args.learning_rate, args.head_learning_rate), None),
         args=TrainingArguments(
             output_dir=f"{args.output_dir}/checkpoints",
             max_steps=args.max_steps,
