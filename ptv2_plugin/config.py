@@ -13,9 +13,13 @@ from .registration import PEFT_TYPE_NAME, _add_peft_type_member
 MAX_VIRTUAL_TOKENS = 4096
 
 # AdamW learning rate for the default adapter (projection on) and the task head, one rate for both (HF Trainer's
-# `learning_rate`). Higher rates (PEFT prefix tuning's usual 1e-2) blow the prefix keys up through the MLP within tens
-# of steps: attention then goes to the prefix and the model predicts one class. Evidence: benchmarks/defaults_study.py.
+# `learning_rate`). The MLP's output layer turns one AdamW step of size lr on each weight into a change of up to
+# lr * sum|hidden| (~150 lr) per prefix coordinate, so PEFT prefix tuning's usual 1e-2 blows the prefix keys up
+# within tens of steps (norm ~40 vs real keys ~6): attention goes to the prefix and the model predicts one class.
+# At 1e-3 the prefix keys settle at the real keys' scale. Without projection (prefix_projection=False) nothing
+# amplifies the step and a higher rate trains better. Evidence: benchmarks/results/defaults_study/report.md.
 RECOMMENDED_LEARNING_RATE = 1e-3
+RECOMMENDED_LEARNING_RATE_NO_PROJECTION = 3e-2
 
 
 @dataclass

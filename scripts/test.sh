@@ -23,7 +23,7 @@ run_lane() {  # venv, label
   "$venv/bin/python" -m pytest -q -p no:cacheprovider "${@:3}" || status=1
 }
 
-setup_lane .venv "onnx,dev,examples" "transformers>=5,<6"
+setup_lane .venv "onnx,dev,examples,bench" "transformers>=5,<6"
 setup_lane .venv-tf457 "onnx,dev,examples,optimum" "transformers>=4.57,<4.58"
 
 echo "=== ruff"

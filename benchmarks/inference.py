@@ -1,0 +1,203 @@
+"""Inference in PyTorch: eval forward latency (encoder) and generate() throughput (decoder), ours vs PEFT vs base.
+
+    python -m benchmarks.inference [--n 16] [--rounds 20]
+
+Encoder: the real all-MiniLM-L6-v2 classifier, eval mode, ``torch.inference_mode``. Decoder: no pretrained decoder is
+available offline, so a small Llama built from a config (random weights; speed does not depend on them) generates
+greedily with the KV cache. Methods are timed round-robin in one process; ratios are medians over medians.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from benchmarks import common
+
+ENCODER_SHAPES = [(1, 16), (1, 64), (32, 64), (1, 128), (32, 128)]
+TARGETS = {(32, 64): 1.02, (1, 16): 1.05}  # issue 6: ours / base eval forward
+DECODER_CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2)
+
+
+def prefix_models(make, n: int, task: str) -> dict[str, torch.nn.Module]:
+    """base, ours and PEFT prefix tuning (projection on, same n), all frozen and in eval mode."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    import ptv2_plugin
+
+    models = {"base": make()}
+    models["ptv2"] = get_peft_model(make(), ptv2_plugin.PTuningV2Config(task_type=task, num_virtual_tokens=n))
+    base = make()
+    models["peft_prefix"] = get_peft_model(
+        base, PrefixTuningConfig(task_type=task, num_virtual_tokens=n, prefix_projection=True,
+                                 encoder_hidden_size=base.config.hidden_size))
+    for model in models.values():
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+    return models
+
+
+def encoder_latency(backbone: common.Backbone, n: int, shapes, rounds: int) -> list[dict]:
+    models = prefix_models(backbone.make, n, "SEQ_CLS")
+    vocab = models["base"].config.vocab_size
+    rows = []
+    for batch, seq in shapes:
+        inputs = common.random_batch(vocab, batch, seq)
+
+        def call(model, inputs=inputs):
+            def fn():
+                with torch.inference_mode():
+                    model(**inputs)
+            return fn
+
+        per_round = max(1, 8 // batch)
+        times = common.interleaved_times({k: call(m) for k, m in models.items()}, rounds, per_round)
+        med = {k: common.summary(v) for k, v in times.items()}
+        row = {"batch": batch, "seq": seq, "latency_seconds": med,
+               "ptv2_vs_base": med["ptv2"]["median"] / med["base"]["median"],
+               "peft_prefix_vs_base": med["peft_prefix"]["median"] / med["base"]["median"],
+               "ptv2_vs_peft_prefix": med["ptv2"]["median"] / med["peft_prefix"]["median"]}
+        if (batch, seq) in TARGETS:
+            row["target"] = TARGETS[(batch, seq)]
+            row["met"] = row["ptv2_vs_base"] <= TARGETS[(batch, seq)]
+        rows.append(row)
+        print(f"encoder b={batch} s={seq}: " + ", ".join(f"{k} {1000 * v['median']:.2f} ms" for k, v in med.items())
+              + f" | ptv2/base {row['ptv2_vs_base']:.3f}", flush=True)
+    return rows
+
+
+def decoder_throughput(make, n: int, batches, prompt: int, new_tokens: int, rounds: int) -> list[dict]:
+    models = prefix_models(make, n, "CAUSAL_LM")
+    vocab = models["base"].config.vocab_size
+    rows = []
+    for batch in batches:
+        inputs = common.random_batch(vocab, batch, prompt)
+
+        def call(model, inputs=inputs):
+            def fn():
+                with torch.inference_mode():
+                    model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                   use_cache=True, pad_token_id=0)
+            return fn
+
+        fns, errors = {}, {}
+        for name, model in models.items():
+            try:
+                call(model)()
+                fns[name] = call(model)
+            except Exception as error:  # a method that cannot generate is reported, not fatal
+                errors[name] = f"{type(error).__name__}: {error}"[:300]
+        times = common.interleaved_times(fns, rounds, warmup=1)
+        tps = {k: batch * new_tokens / common.summary(v)["median"] for k, v in times.items()}
+        row = {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "tokens_per_second": tps,
+               "errors": errors}
+        if "ptv2" in tps and "base" in tps:
+            row["ptv2_vs_base_throughput"] = tps["ptv2"] / tps["base"]
+        if "ptv2" in tps and "peft_prefix" in tps:
+            row["ptv2_vs_peft_prefix_throughput"] = tps["ptv2"] / tps["peft_prefix"]
+        rows.append(row)
+        print(f"decoder b={batch}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tps.items()) + f" {errors or ''}",
+              flush=True)
+    return rows
+
+
+def report(result: dict, meta: dict) -> str:
+    enc_rows = []
+    for r in result["encoder"]:
+        lat = r["latency_seconds"]
+        verdict = ""
+        if "target" in r:
+            verdict = f"<= {r['target']}x: {'MET' if r['met'] else 'MISSED'}"
+        enc_rows.append([r["batch"], r["seq"], f"{1000 * lat['base']['median']:.2f}",
+                         f"{1000 * lat['ptv2']['median']:.2f}", f"{1000 * lat['peft_prefix']['median']:.2f}",
+                         f"{r['ptv2_vs_base']:.3f}", f"{r['peft_prefix_vs_base']:.3f}", verdict])
+    dec_rows = [[r["batch"], r["prompt"], r["new_tokens"]]
+                + [f"{r['tokens_per_second'][k]:.0f}" if k in r["tokens_per_second"] else "error"
+                   for k in ("base", "ptv2", "peft_prefix")]
+                + [f"{r.get('ptv2_vs_base_throughput', float('nan')):.3f}"]
+                for r in result["decoder"]]
+    lines = [
+        "# Inference in PyTorch",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"n={meta['n']} virtual tokens (projection on, ours and PEFT), {meta['rounds']} interleaved rounds, "
+        f"{meta['machine']['torch_threads']} threads on {meta['machine']['cpu_count']} CPUs, torch "
+        f"{meta['machine']['torch']}, transformers {meta['machine']['transformers']}, peft {meta['machine']['peft']}.",
+        "",
+        f"## Encoder eval forward latency ({meta['backbone']}, median ms)",
+        "",
+        common.markdown_table(["batch", "seq", "base", "ptv2", "peft prefix", "ptv2/base", "peft/base", "target"],
+                              enc_rows),
+        "",
+        "## Decoder generate() throughput (KV cache, greedy)",
+        "",
+        f"Decoder: {meta['decoder']} -- built from a config with random weights, because no pretrained decoder is "
+        "available offline; throughput does not depend on the weights' values.",
+        "",
+        common.markdown_table(["batch", "prompt", "new tokens", "base tok/s", "ptv2 tok/s", "peft prefix tok/s",
+                               "ptv2/base"], dec_rows),
+        "",
+    ]
+    errors = {r["batch"]: r["errors"] for r in result["decoder"] if r["errors"]}
+    if errors:
+        lines.append(f"Errors: {errors}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    out = common.setup(args, "inference")
+    if args.smoke:
+        from tests.tiny_models import tiny_model
+
+        backbone, shapes, args.rounds = common.tiny_backbone(), [(1, 16), (2, 8)], 2
+        make_decoder, decoder_name, batches, args.new_tokens = (lambda: tiny_model("llama", "CAUSAL_LM")), \
+            "tiny llama (tests/tiny_models.py)", [1], 4
+    else:
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        backbone, shapes = common.minilm_backbone(), ENCODER_SHAPES
+
+        def make_decoder():
+            torch.manual_seed(0)
+            return AutoModelForCausalLM.from_config(LlamaConfig(**DECODER_CONFIG))
+
+        decoder_name = "Llama " + ", ".join(f"{k}={v}" for k, v in DECODER_CONFIG.items() if "token" not in k)
+        batches = [1, 8]
+    result = {
+        "encoder": encoder_latency(backbone, args.n, shapes, args.rounds),
+        "decoder": decoder_throughput(make_decoder, args.n, batches, 16, args.new_tokens, max(3, args.rounds // 4)),
+    }
+    meta = {"command": "python -m benchmarks.inference " + " ".join(sys.argv[1:] if argv is None else argv),
+            "backbone": backbone.name, "decoder": decoder_name, "n": args.n, "rounds": args.rounds,
+            "machine": common.machine()}
+    common.write_json(out / "results.json", {"meta": meta, **result})
+    common.write_atomic(out / "report.md", report(result, meta))
+
+    def draw(ax):
+        labels = [f"b{r['batch']}s{r['seq']}" for r in result["encoder"]]
+        x = range(len(labels))
+        ax.bar([i - 0.2 for i in x], [r["ptv2_vs_base"] for r in result["encoder"]], width=0.4, label="ptv2 / base")
+        ax.bar([i + 0.2 for i in x], [r["peft_prefix_vs_base"] for r in result["encoder"]], width=0.4,
+               label="peft prefix / base")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(list(x), labels)
+        ax.set_ylabel("eval forward latency / base model")
+        ax.set_title("PyTorch eval forward overhead")
+        ax.legend()
+
+    common.save_plot(out / "encoder_latency.png", draw)
+    print(f"wrote {out / 'report.md'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Quality: SST-2 dev accuracy vs trainable parameters for P-Tuning v2 and the alternatives, same budget and seeds.
+
+    python -m benchmarks.quality [--data DIR] [--seeds 0 1 2] [--methods ptv2_mlp lora_r8 ...]
+
+Budget (issue 6): 8,000-example train subset (fixed seed), 3 epochs, batch 32, max length 64, AdamW with linear decay,
+grad-norm clip 1.0, length-grouped batches; the classifier head trains in every method. Writes results.json,
+report.md and accuracy_vs_params.png under benchmarks/results/quality/.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks import common
+
+
+def run(methods: list[common.Method], seeds: list[int], data: common.TextData, backbone: common.Backbone,
+        train_cfg: common.TrainConfig, log=print, on_method=None) -> list[dict]:
+    train = common.Encoded(backbone.tokenizer, data.train_texts, data.train_labels)
+    dev = common.Encoded(backbone.tokenizer, data.dev_texts, data.dev_labels)
+    rows = []
+    for method in methods:
+        runs = []
+        for seed in seeds:
+            common.torch.manual_seed(seed)
+            model = common.wrap(method, backbone.make())
+            cfg = common.TrainConfig(**{**train_cfg.__dict__, "seed": seed})
+            start = time.perf_counter()
+            timing = common.train(model, train, method, cfg)
+            metrics = common.evaluate(model, dev)
+            runs.append({"seed": seed, **metrics, **timing, "wall_seconds": time.perf_counter() - start})
+            log(f"{method.name} seed={seed} acc={metrics['accuracy']:.4f} "
+                f"positive_rate={metrics['predicted_positive_rate']:.2f} train_s={timing['train_seconds']:.0f}")
+        accs = [r["accuracy"] for r in runs]
+        rows.append({
+            "method": method.name,
+            "kind": method.kind,
+            "lr": method.lr,
+            "head_lr": method.head_lr,
+            "options": method.options,
+            "trainable_params": common.trainable_parameters(model),
+            "trainable_params_without_head": common.trainable_parameters(model, exclude_head=True),
+            "accuracy_mean": statistics.fmean(accs),
+            "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in runs),
+            "runs": runs,
+        })
+        del model
+        if on_method is not None:
+            on_method(rows)  # a finished method is on disk even if a later one fails
+    return rows
+
+
+def merge(previous: dict, rows: list[dict], meta: dict) -> list[dict]:
+    """``rows`` plus the earlier rows of other methods, in the standard order, if measured under the same budget."""
+    keys = ("backbone", "train_size", "dev_size", "epochs", "batch_size", "seeds")
+    old_meta = previous.get("meta", {})
+    if any(old_meta.get(k) != meta.get(k) for k in keys):
+        earlier = [(k, old_meta.get(k)) for k in keys]
+        raise SystemExit(f"--update: the earlier results.json used another budget {earlier}; rerun without --update.")
+    fresh = {r["method"]: r for r in rows}
+    merged = {r["method"]: r for r in previous.get("results", [])} | fresh
+    order = [m.name for m in common.standard_methods()]
+    return sorted(merged.values(), key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+
+
+def _rates(row: dict) -> str:
+    return f"{row['lr']:g}" + (f" ({row['head_lr']:g})" if row.get("head_lr") else "")
+
+
+def report(rows: list[dict], meta: dict) -> str:
+    by_name = {r["method"]: r for r in rows}
+    lines = [
+        "# Quality: SST-2 dev accuracy vs trainable parameters",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Backbone: {meta['backbone']} (frozen except the method's parameters and the classifier head); "
+        f"train subset {meta['train_size']} (seed {common.DATA_SEED}), dev {meta['dev_size']}; "
+        f"{meta['epochs']} epochs, batch {meta['batch_size']}, max length {common.MAX_LENGTH}; "
+        f"seeds {meta['seeds']}.  ",
+        f"Machine: {meta['machine']['platform']}, {meta['machine']['cpu_count']} CPUs, "
+        f"torch {meta['machine']['torch']}, transformers {meta['machine']['transformers']}, "
+        f"peft {meta['machine']['peft']}.",
+        "",
+        common.markdown_table(
+            ["method", "lr (head lr)", "dev accuracy (mean)", "std", "trainable params", "without head",
+             "train s (mean)"],
+            [[r["method"], _rates(r), f"{100 * r['accuracy_mean']:.2f}", f"{100 * r['accuracy_std']:.2f}",
+              r["trainable_params"], r["trainable_params_without_head"], f"{r['train_seconds_mean']:.0f}"]
+             for r in rows],
+        ),
+        "",
+    ]
+    full = by_name.get("full_finetune")
+    peft_prefix = [r for r in rows if r["kind"] == "peft_prefix"]
+    best_peft = max(peft_prefix, key=lambda r: r["accuracy_mean"]) if peft_prefix else None
+    # The recommended recipe (prefix 1e-3, head 1e-2: ptv2_plugin.create_optimizer) and the one-rate variant.
+    for name in ("ptv2_mlp_head_lr1e-2", "ptv2_mlp"):
+        ours = by_name.get(name)
+        if ours and full:
+            gap = 100 * (full["accuracy_mean"] - ours["accuracy_mean"])
+            lines.append(f"- Target `P-Tuning v2 >= full fine-tuning - 1 point` ({name}): gap {gap:.2f} points -> "
+                         f"{'MET' if gap <= 1.0 else 'MISSED'}.")
+        if ours and best_peft:
+            margin = 100 * (ours["accuracy_mean"] - best_peft["accuracy_mean"])
+            lines.append(f"- Target `above PEFT prefix tuning` ({name} vs best PEFT prefix row "
+                         f"{best_peft['method']}): {margin:+.2f} points -> {'MET' if margin > 0 else 'MISSED'}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path) -> None:
+    def draw(ax):
+        for r in rows:
+            params = max(r["trainable_params_without_head"], 1)
+            ax.errorbar(params, 100 * r["accuracy_mean"], yerr=100 * r["accuracy_std"], fmt="o", capsize=3)
+            ax.annotate(r["method"], (params, 100 * r["accuracy_mean"]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (without the shared classifier head; linear probe plotted at 1)")
+        ax.set_ylabel("SST-2 dev accuracy (%)")
+        ax.set_title("Accuracy vs trainable parameters")
+        ax.grid(True, alpha=0.3)
+
+    common.save_plot(path, draw)
+
+
+def main(argv=None) -> list[dict]:
+    import sys
+
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None, help="SST-2 folder with train.tsv and dev.tsv.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--methods", nargs="*", default=None, help="Subset of method names (default: all).")
+    parser.add_argument("--train-size", type=int, default=common.TRAIN_SIZE)
+    parser.add_argument("--epochs", type=float, default=common.EPOCHS)
+    parser.add_argument("--num-virtual-tokens", type=int, default=16)
+    parser.add_argument("--merge-from", nargs="*", default=[], metavar="RESULTS_JSON",
+                        help="Also keep the rows of these results.json files (same budget), e.g. from other machines; "
+                        "with --methods and no method names left to run, only merges.")
+    parser.add_argument("--update", action="store_true",
+                        help="Keep the other methods' rows of an earlier results.json (same budget) and replace only "
+                        "the rows of the methods run now: lets methods run in separate processes.")
+    args = parser.parse_args(argv)
+    out = common.setup(args, "quality")
+    methods = common.standard_methods(args.num_virtual_tokens)
+    if args.methods is not None:
+        unknown = set(args.methods) - {m.name for m in methods}
+        if unknown:
+            parser.error(f"unknown methods {sorted(unknown)}; choose from {[m.name for m in methods]}")
+        methods = [m for m in methods if m.name in args.methods]
+    if args.smoke:
+        data, backbone = common.synthetic_data(64, 32), common.tiny_backbone()
+        train_cfg = common.TrainConfig(epochs=1, batch_size=16)
+    else:
+        data, backbone = common.load_sst2(args.data, args.train_size), common.minilm_backbone()
+        train_cfg = common.TrainConfig(epochs=args.epochs)
+    meta = {
+        "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv),
+        "backbone": backbone.name,
+        "train_size": len(data.train_texts),
+        "dev_size": len(data.dev_texts),
+        "epochs": train_cfg.epochs,
+        "batch_size": train_cfg.batch_size,
+        "seeds": args.seeds,
+        "train_config": train_cfg,
+        "machine": common.machine(),
+    }
+    earlier = []
+    if args.update and (out / "results.json").is_file():
+        earlier.append(json.loads((out / "results.json").read_text()))
+    earlier += [json.loads(Path(path).read_text()) for path in args.merge_from]
+
+    def save(fresh: list[dict]) -> list[dict]:
+        rows = fresh
+        for previous in earlier:
+            rows = merge(previous, rows, meta)
+        common.write_json(out / "results.json", {"meta": meta, "results": rows})
+        common.write_atomic(out / "report.md", report(rows, meta))
+        plot(rows, out / "accuracy_vs_params.png")
+        return rows
+
+    rows = save(run(methods, args.seeds, data, backbone, train_cfg, on_method=save))
+    print(f"wrote {out / 'report.md'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Training cost: step time and peak training memory of P-Tuning v2 vs PEFT prefix tuning vs LoRA r=8.
+
+    python -m benchmarks.training_cost [--batch 32] [--seq 64] [--n 16] [--rounds 30]
+
+Each method is a fresh copy of the frozen base; steps (forward, backward, AdamW) are timed round-robin in one process
+so load drift on a shared machine hits all methods alike. Reported as ratios to PEFT prefix tuning and to LoRA.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from benchmarks import common
+
+
+def measure(backbone: common.Backbone, methods: list[common.Method], batch: int, seq: int, rounds: int,
+            per_round: int = 1) -> dict:
+    models = {m.name: common.wrap(m, common.frozen_base(backbone)) for m in methods}
+    vocab = next(iter(models.values())).config.vocab_size
+    inputs = common.random_batch(vocab, batch, seq, labels=True)
+    memory = {name: common.training_memory(model, inputs) for name, model in models.items()}
+    steps = {name: common.training_step_fn(model, inputs) for name, model in models.items()}
+    times = common.interleaved_times(steps, rounds, per_round)
+    return {
+        "batch": batch,
+        "seq": seq,
+        "trainable_params": {name: common.trainable_parameters(model) for name, model in models.items()},
+        "step_seconds": {name: common.summary(t) for name, t in times.items()},
+        "memory": memory,
+    }
+
+
+def ratios(result: dict, ours: str = "ptv2") -> dict:
+    steps = {k: v["median"] for k, v in result["step_seconds"].items()}
+    memory = {k: v["peak_extra_bytes"] for k, v in result["memory"].items()}
+    out = {}
+    for other in steps:
+        if other != ours:
+            out[f"step_{ours}_vs_{other}"] = steps[ours] / steps[other]
+            out[f"memory_{ours}_vs_{other}"] = memory[ours] / memory[other]
+    return out
+
+
+def report(result: dict, meta: dict) -> str:
+    r = result["ratios"]
+    rows = [[name, result["trainable_params"][name], f"{1000 * s['median']:.1f}", f"{1000 * s['std']:.1f}",
+             f"{common.mib(result['memory'][name]['activation_bytes']):.1f}",
+             f"{common.mib(result['memory'][name]['peak_extra_bytes']):.1f}"]
+            for name, s in result["step_seconds"].items()]
+    lines = [
+        "# Training cost: step time and peak memory",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Backbone {meta['backbone']}, batch {result['batch']} x seq {result['seq']}, n={meta['n']} (projection on), "
+        f"{meta['rounds']} interleaved rounds, {meta['machine']['torch_threads']} threads, "
+        f"{meta['machine']['cpu_count']} CPUs, torch {meta['machine']['torch']}, "
+        f"transformers {meta['machine']['transformers']}.",
+        "",
+        common.markdown_table(
+            ["method", "trainable params", "step ms (median)", "std ms", "saved activations MiB",
+             "peak extra MiB (activations + grads + AdamW)"],
+            rows,
+        ),
+        "",
+        "Memory is counted, not sampled: tensors autograd saves for backward plus gradient and AdamW state of the "
+        "trainable parameters (frozen weights are shared by all methods and left out).",
+        "",
+    ]
+    checks = [
+        ("step_ptv2_vs_peft_prefix", 1.0, "step time <= 1.0x PEFT prefix tuning"),
+        ("step_ptv2_vs_lora_r8", 1.05, "step time within 5% of LoRA r=8"),
+        ("memory_ptv2_vs_peft_prefix", 1.0, "peak memory <= PEFT prefix tuning"),
+        ("memory_ptv2_vs_lora_r8", 1.0, "peak memory <= LoRA r=8"),
+    ]
+    for key, limit, text in checks:
+        if key in r:
+            lines.append(f"- {text}: {r[key]:.3f}x -> {'MET' if r[key] <= limit else 'MISSED'}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=common.BATCH_SIZE)
+    parser.add_argument("--seq", type=int, default=common.MAX_LENGTH)
+    parser.add_argument("--n", type=int, default=16, help="num_virtual_tokens for both prefix methods.")
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args(argv)
+    out = common.setup(args, "training_cost")
+    if args.smoke:
+        backbone, args.batch, args.seq, args.rounds = common.tiny_backbone(), 4, 16, 3
+    else:
+        backbone = common.minilm_backbone()
+    result = measure(backbone, common.cost_methods(args.n), args.batch, args.seq, args.rounds)
+    result["ratios"] = ratios(result)
+    meta = {"command": "python -m benchmarks.training_cost " + " ".join(sys.argv[1:] if argv is None else argv),
+            "backbone": backbone.name, "n": args.n, "rounds": args.rounds, "machine": common.machine()}
+    common.write_json(out / "results.json", {"meta": meta, **result})
+    common.write_atomic(out / "report.md", report(result, meta))
+
+    def draw(ax):
+        names = list(result["step_seconds"])
+        ax.bar(names, [1000 * result["step_seconds"][n]["median"] for n in names],
+               yerr=[1000 * result["step_seconds"][n]["std"] for n in names], capsize=4)
+        ax.set_ylabel(f"training step ms (batch {result['batch']} x seq {result['seq']})")
+        ax.set_title("Training step time (median, interleaved)")
+
+    common.save_plot(out / "training_step.png", draw)
+    print(report(result, meta))
+    return result
+
+
+if __name__ == "__main__":
+    main()

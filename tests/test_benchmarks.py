@@ -1,0 +1,140 @@
+"""Smoke tests of the benchmark scripts: each runs end to end on a tiny model and writes its report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import common
+
+
+def _read(out):
+    assert (out / "report.md").is_file()
+    return json.loads((out / "results.json").read_text())
+
+
+def test_quality_smoke(tmp_path):
+    from benchmarks import quality
+
+    quality.main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in _read(tmp_path)["results"]}
+    assert set(rows) == {m.name for m in common.standard_methods()}
+    for row in rows.values():
+        assert 0.0 <= row["accuracy_mean"] <= 1.0
+        assert row["runs"][0]["steps"] == 4  # 64 examples, batch 16, one epoch
+    params = {name: row["trainable_params_without_head"] for name, row in rows.items()}
+    assert params["linear_probe"] == 0
+    assert 0 < params["lora_r8"] < params["ptv2_mlp"] < params["full_finetune"]
+    assert params["ptv2_mlp"] == params["peft_prefix_mlp"]  # same MLP shape as PEFT's prefix tuning
+    assert "Target" in (tmp_path / "report.md").read_text()
+
+
+def test_quality_update_keeps_other_rows(tmp_path):
+    from benchmarks import quality
+
+    quality.main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--methods", "linear_probe"])
+    quality.main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--methods", "ptv2_no_mlp", "--update"])
+    assert [r["method"] for r in _read(tmp_path)["results"]] == ["ptv2_no_mlp", "linear_probe"]
+    with pytest.raises(SystemExit):
+        quality.main(["--smoke", "--out", str(tmp_path), "--methods", "nope"])
+    # Rows measured elsewhere (another process or machine) merge without retraining.
+    merged = tmp_path / "merged"
+    quality.main(["--smoke", "--out", str(merged), "--methods", "--merge-from", str(tmp_path / "results.json")])
+    assert [r["method"] for r in _read(merged)["results"]] == ["ptv2_no_mlp", "linear_probe"]
+    stored = json.loads((merged / "results.json").read_text())
+    stored["meta"]["epochs"] = 99
+    (merged / "results.json").write_text(json.dumps(stored))
+    with pytest.raises(SystemExit, match="budget"):  # a different budget never mixes into one table
+        quality.main(["--smoke", "--out", str(merged), "--methods", "--update"])
+
+
+def test_training_cost_smoke(tmp_path):
+    from benchmarks import training_cost
+
+    training_cost.main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
+    result = _read(tmp_path)
+    assert set(result["step_seconds"]) == {"ptv2", "peft_prefix", "lora_r8"}
+    assert all(v > 0 for v in result["ratios"].values())
+    assert "step_ptv2_vs_peft_prefix" in result["ratios"] and "memory_ptv2_vs_lora_r8" in result["ratios"]
+
+
+def test_inference_smoke(tmp_path):
+    from benchmarks import inference
+
+    inference.main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
+    result = _read(tmp_path)
+    assert [(r["batch"], r["seq"]) for r in result["encoder"]] == [(1, 16), (2, 8)]
+    assert result["encoder"][0]["target"] == 1.05 and isinstance(result["encoder"][0]["met"], bool)
+    decoder = result["decoder"][0]
+    assert not decoder["errors"], decoder["errors"]
+    assert set(decoder["tokens_per_second"]) == {"base", "ptv2", "peft_prefix"}
+
+
+def test_scaling_smoke(tmp_path):
+    from benchmarks import scaling
+
+    scaling.main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
+    rows = _read(tmp_path)["results"]
+    assert {(r["n"], r["seq"]) for r in rows} == {(0, 8), (8, 8), (0, 16), (8, 16)}
+    by = {(r["n"], r["seq"]): r for r in rows}
+    assert by[(8, 16)]["activation_bytes"] > by[(8, 8)]["activation_bytes"]  # memory grows with length
+    assert by[(0, 16)]["trainable_params"] < by[(8, 16)]["trainable_params"]
+
+
+def test_defaults_study_smoke(tmp_path):
+    from benchmarks import defaults_study
+
+    log = tmp_path / "runs.jsonl"
+    defaults_study.main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--epochs", "1", "--log", str(log),
+                         "--variant", '{"lr": 1e-3}', "--variant", '{"lr": 1e-2, "prefix_projection": false}'])
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["variant"]["lr"] for r in records] == [1e-3, 1e-2]
+    for record in records:
+        norms = record["key_norms"]
+        assert norms[0]["step"] == 0 and norms[-1]["step"] == record["steps"]
+        assert norms[-1]["real_key_norm"] > 0 and norms[-1]["prefix_key_norm"] > 0
+
+
+def test_training_memory_counts_activations():
+    backbone = common.tiny_backbone()
+    model = common.wrap(common.Method("p", "ptv2", 1e-3, {"num_virtual_tokens": 4}), common.frozen_base(backbone))
+    small = common.training_memory(model, common.random_batch(128, 2, 8, labels=True))
+    large = common.training_memory(model, common.random_batch(128, 8, 8, labels=True))
+    assert large["activation_bytes"] > 2 * small["activation_bytes"] > 0
+    assert small["trainable_state_bytes"] == 3 * 4 * common.trainable_parameters(model)
+
+
+def test_prefix_key_norms_ours_and_peft():
+    backbone = common.tiny_backbone()
+    for kind in ("ptv2", "peft_prefix"):
+        model = common.wrap(common.Method(kind, kind, 1e-3, {"num_virtual_tokens": 4}), common.frozen_base(backbone))
+        norms = common.prefix_key_norms(model)
+        assert len(norms) == model.config.num_hidden_layers and all(v > 0 for v in norms)
+    assert common.prefix_key_norms(backbone.make()) == []
+
+
+def test_interleaved_times_and_batches():
+    calls = []
+    times = common.interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, warmup=1)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert calls[2:] == ["a", "b"] * 3  # round-robin after the warm-up
+    data = common.Encoded(common.ToyTokenizer(), ["a b c", "a", "a b c d e f"], [0, 1, 0])
+    seen = sorted(i for batch in data.batches(2, 0, group_by_length=True) for i in batch["labels"].tolist())
+    assert seen == [0, 0, 1]
+    batch = data.batch([0, 1])
+    assert batch["attention_mask"].sum().item() == 5 + 3 and torch.equal(batch["labels"], torch.tensor([0, 1]))
+
+
+def test_onnx_inference_smoke(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from benchmarks import onnx_inference
+
+    onnx_inference.main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--work-dir", str(tmp_path / "graphs")])
+    result = _read(tmp_path)
+    assert max(result["parity_max_abs_diff"].values()) < 1e-4  # every graph computes its PyTorch model's logits
+    assert {"base/sdpa", "ptv2/sdpa", "base/eager", "ptv2/eager"} <= set(result["fusions"])
+    row = result["shapes"][0]
+    assert row["best_base_graph"].startswith("ort:base/") and row["best_ptv2_graph"].startswith("ort:ptv2/")
+    assert not list(tmp_path.glob("*.onnx"))  # graphs never land in the results folder
