@@ -11,26 +11,38 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import RECOMMENDED_LEARNING_RATE
+from .config import RECOMMENDED_LEARNING_RATE, RECOMMENDED_LEARNING_RATE_NO_PROJECTION
 
 RECOMMENDED_HEAD_LEARNING_RATE = 1e-2
 
 
+def recommended_learning_rate(config) -> float:
+    """The prefix rate for an adapter: the MLP amplifies each step (~150x per coordinate on MiniLM), free
+    keys/values do not, so they want a higher rate."""
+    return RECOMMENDED_LEARNING_RATE if config.prefix_projection else RECOMMENDED_LEARNING_RATE_NO_PROJECTION
+
+
 def optimizer_param_groups(
     model: nn.Module,
-    learning_rate: float = RECOMMENDED_LEARNING_RATE,
+    learning_rate: float | None = None,
     head_learning_rate: float = RECOMMENDED_HEAD_LEARNING_RATE,
     weight_decay: float = 0.0,
 ) -> list[dict]:
-    """Trainable parameters in two groups: the prefix encoders at ``learning_rate``, everything else that trains
-    (the task head, PEFT's ``modules_to_save``) at ``head_learning_rate``."""
-    prefix, head = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (prefix if ".ptv2_prefix_encoder." in f".{name}" else head).append(parameter)
-    if not prefix:
+    """Trainable parameters in groups: each adapter's prefix encoder at ``learning_rate`` (default: the recommended
+    rate for its ``prefix_projection``), everything else that trains (the task head, PEFT's ``modules_to_save``)
+    at ``head_learning_rate``."""
+    tuner = model.base_model if hasattr(model, "base_model") else model
+    encoders = getattr(tuner, "ptv2_prefix_encoder", {})
+    groups, prefix_ids = [], set()
+    for name, encoder in encoders.items():
+        params = [p for p in encoder.parameters() if p.requires_grad]
+        if params:
+            rate = learning_rate if learning_rate is not None else recommended_learning_rate(tuner.peft_config[name])
+            groups.append({"params": params, "lr": rate, "weight_decay": weight_decay})
+            prefix_ids.update(id(p) for p in params)
+    if not groups:
         raise ValueError("No trainable P-Tuning v2 prefix parameters: is an adapter active and not in inference mode?")
-    groups = [{"params": prefix, "lr": learning_rate, "weight_decay": weight_decay}]
+    head = [p for p in model.parameters() if p.requires_grad and id(p) not in prefix_ids]
     if head:
         groups.append({"params": head, "lr": head_learning_rate, "weight_decay": weight_decay})
     return groups
@@ -38,10 +50,10 @@ def optimizer_param_groups(
 
 def create_optimizer(
     model: nn.Module,
-    learning_rate: float = RECOMMENDED_LEARNING_RATE,
+    learning_rate: float | None = None,
     head_learning_rate: float = RECOMMENDED_HEAD_LEARNING_RATE,
     weight_decay: float = 0.0,
 ) -> torch.optim.AdamW:
     """AdamW over ``optimizer_param_groups``; the Trainer's scheduler scales each group from its own rate."""
     groups = optimizer_param_groups(model, learning_rate, head_learning_rate, weight_decay)
-    return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=weight_decay)

@@ -8,6 +8,7 @@ from peft import get_peft_model
 from ptv2_plugin import (
     RECOMMENDED_HEAD_LEARNING_RATE,
     RECOMMENDED_LEARNING_RATE,
+    RECOMMENDED_LEARNING_RATE_NO_PROJECTION,
     PTuningV2Config,
     create_optimizer,
     optimizer_param_groups,
@@ -50,6 +51,14 @@ def test_trainer_schedules_both_groups(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=rows, optimizers=(create_optimizer(model), None))
     trainer.train()
     assert [group["lr"] for group in trainer.optimizer.param_groups] == [1e-3, 1e-2]
+
+
+def test_free_prefix_gets_the_higher_recommended_rate():
+    config = PTuningV2Config(task_type="SEQ_CLS", num_virtual_tokens=3, prefix_projection=False)
+    model = get_peft_model(tiny_model("bert"), config)
+    prefix_group, head_group = optimizer_param_groups(model)
+    assert prefix_group["lr"] == RECOMMENDED_LEARNING_RATE_NO_PROJECTION == 3e-2
+    assert optimizer_param_groups(model, learning_rate=5e-3)[0]["lr"] == 5e-3
 
 
 def test_no_trainable_prefix_is_reported():
