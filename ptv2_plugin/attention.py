@@ -1,16 +1,14 @@
 """Putting prefix keys and values into attention.
 
-Two ways in, chosen per attention module by ``injection_kind``:
+Each wrapped attention module gets one ``Injection``: set up once, it then wraps every call of the module. The one
+here, ``InterfaceInjection``, serves modules that call ``ALL_ATTENTION_FUNCTIONS`` (every supported family on
+transformers 5, decoders on 4.57): the module's config is replaced by a view whose ``_attn_implementation`` names our
+function, which prepends the prefix to the keys and values it is handed (after RoPE and after any KV-cache update, so
+the cache never holds the prefix), widens the mask, and calls the model's own eager or SDPA function. Modules that
+compute attention inline get the injections of ``inline_attention.py``.
 
-* ``"interface"``: modules that call ``ALL_ATTENTION_FUNCTIONS`` (every supported family on transformers 5, decoders
-  on 4.57). The module's config is replaced by a view whose ``_attn_implementation`` names our function, which
-  prepends the prefix to the keys and values it is handed (after RoPE and after any KV-cache update, so the cache
-  never holds the prefix), widens the mask, and calls the model's own eager or SDPA function.
-* ``"projection"``: BERT-family self-attention on transformers 4.57, which computes attention inline. Forward hooks
-  prepend the prefix to the key/value projections, and the mask argument is widened.
-
-The prefix of the running layer travels in a ``ContextVar`` set by ``PTuningV2Layer.forward``: nothing is stored on
-the base modules, and concurrent threads each see their own.
+The prefix of the running layer travels in a ``ContextVar`` set around the module's call: nothing is stored on the
+base modules, and concurrent threads each see their own.
 """
 
 from __future__ import annotations
@@ -198,124 +196,56 @@ def register_attention_function() -> None:
     AttentionInterface.register(PTUNING_V2_ATTENTION, prefixed_attention)
 
 
-# ------------------------------------------------------------------------------------------ projection injection
-# Key/value projection names of attention modules that compute attention inline (no attention interface).
-PROJECTION_NAMES = (("key", "value"), ("key_proj", "value_proj"))
+# ---------------------------------------------------------------------------------------------------- injections
+class Injection:
+    """How one attention module takes a prefix: ``install`` once; every call runs ``before``, the module with the
+    prefix active, then ``after``; ``remove`` gives the module back untouched."""
 
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.handles: list = []
+        self.install()
 
-def projection_names(module: nn.Module) -> tuple[str, str] | None:
-    for key_name, value_name in PROJECTION_NAMES:
-        if isinstance(getattr(module, key_name, None), nn.Linear) and isinstance(
-            getattr(module, value_name, None), nn.Linear
-        ):
-            return key_name, value_name
-    return None
+    def install(self) -> None:
+        pass
 
+    def before(self, prefix: ActivePrefix, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, kwargs
 
-def _prepend_projected(output: torch.Tensor, which: int) -> torch.Tensor:
-    prefix = _ACTIVE.get()
-    if prefix is None:
-        return output
-    prefix.check_batch(output.shape[0])
-    tensor = prefix.key if which == 0 else prefix.value  # (b, kv_heads, n, head_dim)
-    b, heads, n, head_dim = tensor.shape
-    flat = tensor.permute(0, 2, 1, 3).reshape(b, n, heads * head_dim).to(output.dtype)
-    return torch.cat([flat.expand(output.shape[0], -1, -1), output], dim=1)
+    def after(self, prefix: ActivePrefix, outputs: Any) -> Any:
+        return outputs
 
-
-def _relative_bias_without_prefix(original: Callable) -> Callable:
-    """DeBERTa's content-to-position and position-to-content terms exist only between real tokens: prefix keys have
-    no position. The bias is computed on the real keys and the prefix columns get zero (content-to-content only)."""
-
-    def disentangled_attention_bias(query_layer, key_layer, relative_pos, rel_embeddings, scale_factor):
-        prefix = _ACTIVE.get()
-        if prefix is None:
-            return original(query_layer, key_layer, relative_pos, rel_embeddings, scale_factor)
-        n = prefix.length
-        bias = original(query_layer, key_layer[:, n:], relative_pos, rel_embeddings, scale_factor)
-        return nn.functional.pad(bias, (n, 0))
-
-    return disentangled_attention_bias
-
-
-def install_projection_hooks(module: nn.Module) -> list:
-    """Hooks that prepend the running prefix to the key/value projections (BERT family on transformers 4.57,
-    DeBERTa-v2 everywhere). Returns handles whose ``remove()`` restores the module."""
-    if getattr(module, "position_embedding_type", "absolute") != "absolute":
-        raise NotImplementedError(
-            f"{type(module).__name__} uses position_embedding_type={module.position_embedding_type!r}; P-Tuning v2 "
-            "supports absolute positions on this transformers version (prefix keys have no relative position)."
-        )
-    if getattr(module, "is_decoder", False):
-        raise NotImplementedError(
-            f"{type(module).__name__} is configured as a decoder; on transformers 4.57 P-Tuning v2 supports "
-            "BERT-family models as encoders only. Upgrade to transformers 5 for decoder use."
-        )
-    key_name, value_name = projection_names(module)
-    handles = [
-        getattr(module, key_name).register_forward_hook(lambda m, a, o: _prepend_projected(o, 0)),
-        getattr(module, value_name).register_forward_hook(lambda m, a, o: _prepend_projected(o, 1)),
-    ]
-    if hasattr(module, "disentangled_attention_bias"):
-        module.disentangled_attention_bias = _relative_bias_without_prefix(module.disentangled_attention_bias)
-        handles.append(_InstanceAttributeHandle(module, "disentangled_attention_bias"))
-    return handles
-
-
-class _InstanceAttributeHandle:
-    """Undo of an instance-level method override, with the same ``remove()`` as a hook handle."""
-
-    def __init__(self, module: nn.Module, name: str) -> None:
-        self.module, self.name = module, name
+    def __call__(self, prefix: ActivePrefix, args: tuple, kwargs: dict) -> Any:
+        args, kwargs = self.before(prefix, args, kwargs)
+        token = _ACTIVE.set(prefix)
+        try:
+            outputs = self.module(*args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
+        return self.after(prefix, outputs)
 
     def remove(self) -> None:
-        self.module.__dict__.pop(self.name, None)
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
-def widen_mask_argument(args: tuple, kwargs: dict, prefix: ActivePrefix) -> tuple[tuple, dict]:
-    """Widen the ``attention_mask`` argument of an inline self-attention call (positional slot 1 or keyword).
+class InterfaceInjection(Injection):
+    """Modules that call transformers' attention interface: their config view names ``prefixed_attention``."""
 
-    A missing mask means "attend everywhere"; it is materialised (additive, in the hidden states' dtype) only when
-    some rows must not see part of the prefix.
-    """
-    n = prefix.length
-    hidden = args[0] if args else kwargs["hidden_states"]
-    prefix.check_batch(hidden.shape[0])
-    in_kwargs = "attention_mask" in kwargs
-    mask = kwargs["attention_mask"] if in_kwargs else (args[1] if len(args) > 1 else None)
-    if mask is not None:
-        mask = widen_mask(mask, n, prefix.visible)
-    elif prefix.visible is not None:
-        real = torch.zeros(1, 1, 1, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
-        mask = widen_mask(real, n, prefix.visible)
-    else:
-        return args, kwargs
-    if in_kwargs or len(args) <= 1:
-        return args, {**kwargs, "attention_mask": mask}
-    return (args[0], mask, *args[2:]), kwargs
+    def install(self) -> None:
+        base_attention_function(self.module)  # fail now, not mid-forward, on an unsupported attention backend
+        if not isinstance(self.module.config, PrefixedAttentionConfig):
+            self.module.config = PrefixedAttentionConfig(self.module.config)
+
+    def remove(self) -> None:
+        if isinstance(getattr(self.module, "config", None), PrefixedAttentionConfig):
+            self.module.config = self.module.config.base_config
 
 
-# ---------------------------------------------------------------------------------------------------- dispatch
-def injection_kind(module: nn.Module) -> str:
-    """How a prefix gets into ``module``: through the attention interface, or through its key/value projections."""
+def uses_attention_interface(module: nn.Module) -> bool:
     try:
         source = inspect.getsource(type(module).forward)
     except (OSError, TypeError):
-        source = ""
-    if "ALL_ATTENTION_FUNCTIONS" in source and hasattr(module, "config"):
-        return "interface"
-    if projection_names(module) is not None:
-        return "projection"
-    import transformers
-
-    looks_like_attention = "attention" in type(module).__name__.lower()
-    if int(transformers.__version__.split(".")[0]) < 5 and looks_like_attention:
-        raise NotImplementedError(
-            f"{type(module).__name__} computes attention inline on transformers {transformers.__version__}, in a way "
-            "a prefix cannot enter without copying its code; transformers >= 5 routes it through the attention "
-            "interface that P-Tuning v2 uses. Upgrade with: pip install 'transformers>=5'."
-        )
-    raise NotImplementedError(
-        f"{type(module).__name__} is not a self-attention module P-Tuning v2 knows how to prefix: it neither uses "
-        "transformers' attention interface nor has key/value projections. Check `target_modules`."
-    )
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source and hasattr(module, "config")

@@ -8,16 +8,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .attention import (
-    ROW_ADAPTERS,
-    ActivePrefix,
-    PrefixedAttentionConfig,
-    active_prefix,
-    base_attention_function,
-    injection_kind,
-    install_projection_hooks,
-    widen_mask_argument,
-)
+from .attention import ROW_ADAPTERS, ActivePrefix, Injection, InterfaceInjection, uses_attention_interface
+from .inline_attention import inline_injection
 
 BASE_ROW = "__base__"  # adapter name of mixed-batch rows that run the base model, as in PEFT's LoRA
 
@@ -40,14 +32,7 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
         self.__dict__["_encoders"] = encoders
         self._disable_adapters = False
         self.merged_adapters = []
-        self.injection = injection_kind(base_layer)
-        self._hooks: list = []
-        if self.injection == "interface":
-            base_attention_function(base_layer)  # fail now, not mid-forward, on an unsupported attention backend
-            if not isinstance(base_layer.config, PrefixedAttentionConfig):
-                base_layer.config = PrefixedAttentionConfig(base_layer.config)
-        else:
-            self._hooks = install_projection_hooks(base_layer)
+        self.injection = injection_for(base_layer)
 
     def update_layer(self, adapter_name: str, slot: int) -> None:
         self.ptv2_slot[adapter_name] = slot
@@ -101,10 +86,7 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
         prefix = self.prefix(self.active_adapters) if row_adapters is None else self.row_prefix(row_adapters)
         if prefix is None:
             return self.base_layer(*args, **kwargs)
-        if self.injection == "projection":
-            args, kwargs = widen_mask_argument(args, kwargs, prefix)
-        with active_prefix(prefix):
-            return self.base_layer(*args, **kwargs)
+        return self.injection(prefix, args, kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise NotImplementedError(
@@ -120,11 +102,20 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
 
     def detach_from_base(self) -> None:
         """Give the base module back exactly as it was: real config, no hooks."""
-        if isinstance(getattr(self.base_layer, "config", None), PrefixedAttentionConfig):
-            self.base_layer.config = self.base_layer.config.base_config
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self.injection.remove()
 
     def __repr__(self) -> str:
         return f"ptv2.{super().__repr__()}"
+
+
+def injection_for(module: nn.Module) -> Injection:
+    """How a prefix gets into ``module``: the attention interface where it uses it, else through what it exposes."""
+    if uses_attention_interface(module):
+        return InterfaceInjection(module)
+    inline = inline_injection(module)
+    if inline is not None:
+        return inline(module)
+    raise NotImplementedError(
+        f"{type(module).__name__} is not a self-attention module P-Tuning v2 knows how to prefix: it neither uses "
+        "transformers' attention interface nor exposes key/value projections we can reach. Check `target_modules`."
+    )

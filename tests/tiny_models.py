@@ -8,15 +8,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 VOCAB = 128
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-# Computed inline (not through the attention interface) on transformers 4.57, so supported from transformers 5 on.
-NEEDS_TRANSFORMERS_5 = ["distilbert", "modernbert", "t5"]
-_ALL_ENCODERS = ["bert", "roberta", "xlm-roberta", "electra", "deberta-v2", "distilbert", "modernbert"]
-_ALL_SEQ2SEQ = ["t5", "bart"]
-ENCODERS = [a for a in _ALL_ENCODERS if TRANSFORMERS_5 or a not in NEEDS_TRANSFORMERS_5]
+ENCODERS = ["bert", "roberta", "xlm-roberta", "electra", "deberta-v2", "distilbert", "modernbert"]
 DECODERS = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"]
-SEQ2SEQ = [a for a in _ALL_SEQ2SEQ if TRANSFORMERS_5 or a not in NEEDS_TRANSFORMERS_5]
+SEQ2SEQ = ["t5", "bart"]
 ARCHITECTURES = ENCODERS + DECODERS  # encoder-only and decoder-only; SEQ2SEQ are tested separately
-UNSUPPORTED_HERE = [a for a in NEEDS_TRANSFORMERS_5 if not TRANSFORMERS_5]
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 _GQA = dict(num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -123,16 +118,16 @@ def tiny_model(arch: str, task: str = "auto", seed: int = 0, **overrides) -> tor
 
 
 def default_task(arch: str) -> str:
-    if arch in _ALL_SEQ2SEQ:
+    if arch in SEQ2SEQ:
         return "SEQ_2_SEQ_LM"
-    return "SEQ_CLS" if arch in _ALL_ENCODERS else "CAUSAL_LM"
+    return "SEQ_CLS" if arch in ENCODERS else "CAUSAL_LM"
 
 
 def sample_inputs(arch: str, batch: int = 2, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    if arch in _ALL_SEQ2SEQ:
+    if arch in SEQ2SEQ:
         inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, 4), generator=generator)
     return inputs
 
