@@ -129,19 +129,31 @@ class PrefixedAttentionConfig:
 
 
 def base_attention_function(module: nn.Module) -> Callable:
-    """The function the module would call without us: its own file's eager function, or the registered one."""
+    """The function the module would call without us: its own file's eager function, or the registered one.
+
+    Resolved once per implementation name and remembered on the module's config view (this runs in every layer of
+    every forward); ``set_attn_implementation`` changes the name and so the answer.
+    """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    config = module.config.base_config if isinstance(module.config, PrefixedAttentionConfig) else module.config
+    view = module.config if isinstance(module.config, PrefixedAttentionConfig) else None
+    config = view.base_config if view is not None else module.config
     implementation = config._attn_implementation or "eager"
+    resolved = view.__dict__.get("_resolved") if view is not None else None
+    if resolved is not None and resolved[0] == implementation:
+        return resolved[1]
     if implementation == "eager":
-        return sys.modules[type(module).__module__].eager_attention_forward
-    if implementation not in SUPPORTED_BASE_IMPLEMENTATIONS:
+        function = sys.modules[type(module).__module__].eager_attention_forward
+    elif implementation in SUPPORTED_BASE_IMPLEMENTATIONS:
+        function = ALL_ATTENTION_FUNCTIONS[implementation]
+    else:
         raise NotImplementedError(
             f"P-Tuning v2 runs on attn_implementation 'eager' or 'sdpa'; this model uses {implementation!r}. "
             "Load it with attn_implementation='sdpa'."
         )
-    return ALL_ATTENTION_FUNCTIONS[implementation]
+    if view is not None:
+        view.__dict__["_resolved"] = (implementation, function)
+    return function
 
 
 def prefixed_attention(
@@ -161,8 +173,8 @@ def prefixed_attention(
     n = prefix.length
     batch = key.shape[0]
     prefix.check_batch(batch)
-    key = torch.cat([prefix.key.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
-    value = torch.cat([prefix.value.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+    key = torch.cat([_match(prefix.key, key), key], dim=2)
+    value = torch.cat([_match(prefix.value, value), value], dim=2)
     if attention_mask is not None:
         attention_mask = widen_mask(attention_mask, n, prefix.visible)
     else:
@@ -179,6 +191,15 @@ def prefixed_attention(
         # Prefix keys have no position, so no relative-position bias (T5); visibility is already in the mask.
         kwargs["position_bias"] = widen_mask(position_bias, n)
     return attend(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _match(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """The prefix in the states' dtype and batch (no-op views in the common case: this runs in every layer)."""
+    if prefix.dtype != states.dtype:
+        prefix = prefix.to(states.dtype)
+    if prefix.shape[0] != states.shape[0]:
+        prefix = prefix.expand(states.shape[0], -1, -1, -1)
+    return prefix
 
 
 def _sdpa_would_be_causal(module: nn.Module, attend: Callable, query: torch.Tensor, kwargs: dict) -> bool:

@@ -45,11 +45,13 @@ def check_forward_inputs(model: nn.Module, kwargs: dict[str, Any], shift: int) -
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}.")
         vocab = getattr(model.config, "vocab_size", None)
-        if vocab and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
-            raise ValueError(
-                f"input_ids hold ids in [{int(input_ids.min())}, {int(input_ids.max())}] but the vocabulary has "
-                f"{vocab} entries: was the text tokenized for another model?"
-            )
+        if vocab and input_ids.numel():
+            low, high = (int(v) for v in torch.aminmax(input_ids))
+            if low < 0 or high >= vocab:
+                raise ValueError(
+                    f"input_ids hold ids in [{low}, {high}] but the vocabulary has {vocab} entries: was the text "
+                    "tokenized for another model?"
+                )
     if attention_mask is not None and input_ids is not None:
         if attention_mask.shape != input_ids.shape and attention_mask.dim() == 2:
             past = _past_length(kwargs)

@@ -44,14 +44,16 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
 
     def prefix(self, adapter_names: list[str]) -> ActivePrefix | None:
         """Keys/values of the given adapters, concatenated along the prefix axis, shaped (1, kv_heads, n, head_dim)."""
+        if len(adapter_names) == 1:  # the common case, served from the encoder's cache without a copy
+            name = adapter_names[0]
+            if name not in self.ptv2_slot or name not in self.__dict__["_encoders"]:
+                return None
+            return self.__dict__["_encoders"][name].slot_prefix(self.ptv2_slot[name])
         parts = [kv for kv in map(self._key_value, adapter_names) if kv is not None]
         if not parts:
             return None
-        if len(parts) == 1:  # the common case: no copy
-            key, value = parts[0]
-        else:
-            key = torch.cat([k for k, _ in parts], dim=1)
-            value = torch.cat([v for _, v in parts], dim=1)
+        key = torch.cat([k for k, _ in parts], dim=1)
+        value = torch.cat([v for _, v in parts], dim=1)
         return ActivePrefix(key.unsqueeze(0), value.unsqueeze(0))
 
     def row_prefix(self, row_adapters: list[str]) -> ActivePrefix | None:

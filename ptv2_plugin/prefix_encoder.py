@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architectures import KVGeometry
+from .attention import ActivePrefix
 
 
 class PrefixEncoder(nn.Module):
@@ -53,7 +54,7 @@ class PrefixEncoder(nn.Module):
         self.dropout = nn.Dropout(prefix_dropout)
         self.init_std = init_std
         self.reset_parameters()
-        self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._cache: list[ActivePrefix] | None = None
         self._cache_key: tuple | None = None
 
     @torch.no_grad()
@@ -82,13 +83,21 @@ class PrefixEncoder(nn.Module):
         out = self.transform[2]
         return F.linear(hidden, out.weight[start:end], out.bias[start:end])
 
+    def _weights(self) -> tuple[torch.Tensor, ...]:
+        """The parameters, read straight from their modules (cheaper than ``parameters()``, and never stale)."""
+        if self.transform is None:
+            return (self.embedding.weight,)
+        first, last = self.transform[0], self.transform[2]
+        return (self.embedding.weight, first.weight, first.bias, last.weight, last.bias)
+
     def _uses_cache(self) -> bool:
         if self.training:
             return False
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self._weights()))
 
     def _state_key(self) -> tuple:
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        # A new dtype or device means new storage, so the data pointer covers them; in-place updates bump _version.
+        return tuple((p.data_ptr(), p._version) for p in self._weights())
 
     def _split(self, rows: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, slot width) -> keys and values, each (kv_heads, n, head_dim)."""
@@ -96,19 +105,28 @@ class PrefixEncoder(nn.Module):
         kv = rows.reshape(self.num_virtual_tokens, 2, geometry.num_kv_heads, geometry.head_dim).permute(1, 2, 0, 3)
         return kv[0], kv[1]
 
-    def _serving_key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every slot's keys/values from one MLP run, contiguous, cached while the weights stay the same."""
+    def _serving_prefixes(self) -> list[ActivePrefix]:
+        """Every slot's prefix from one MLP run, contiguous, cached while the weights stay the same."""
         key = self._state_key()
         if self._cache is None or self._cache_key != key:
-            self._cache = [(k.contiguous(), v.contiguous()) for k, v in self.all_key_values()]
+            self._cache = [
+                ActivePrefix(k.contiguous().unsqueeze(0), v.contiguous().unsqueeze(0)) for k, v in self.all_key_values()
+            ]
             self._cache_key = key
         return self._cache
 
+    def slot_prefix(self, slot: int) -> ActivePrefix:
+        """One layer's prefix as attention takes it, (1, kv_heads, n, head_dim); while serving, the same object
+        every call (this runs in every layer of every forward)."""
+        if self._uses_cache():
+            return self._serving_prefixes()[slot]
+        key, value = self._split(self.dropout(self._slot_rows(slot)), slot)
+        return ActivePrefix(key.unsqueeze(0), value.unsqueeze(0))
+
     def slot_key_value(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefix keys and values of one layer, each (kv_heads, n, head_dim)."""
-        if self._uses_cache():
-            return self._serving_key_values()[slot]
-        return self._split(self.dropout(self._slot_rows(slot)), slot)
+        prefix = self.slot_prefix(slot)
+        return prefix.key[0], prefix.value[0]
 
     def all_key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every layer's prefix from one MLP run (what the ONNX exporter freezes), without autograd history."""
