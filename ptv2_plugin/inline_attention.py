@@ -19,6 +19,7 @@ do the attention:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -289,19 +290,29 @@ class _PrefixingCache:
         return [_PrefixedLayer(layer, self._prefix) for layer in self._cache.layers]
 
 
-def _prefixing_encoder_decoder_cache(cache: Any, prefix: ActivePrefix) -> Any:
-    """A view of an ``EncoderDecoderCache`` (the module checks the type) whose two caches prefix what they return."""
+@functools.cache
+def _prefixing_encoder_decoder_cache_class() -> type:
     from transformers.cache_utils import EncoderDecoderCache
 
     class PrefixingEncoderDecoderCache(EncoderDecoderCache):
-        def __init__(self) -> None:  # a view: the real cache keeps all state
-            pass
+        """A view of an ``EncoderDecoderCache`` (T5 checks the type) whose two caches prefix what they return."""
 
-        self_attention_cache = property(lambda self: _PrefixingCache(cache.self_attention_cache, prefix))
-        cross_attention_cache = property(lambda self: _PrefixingCache(cache.cross_attention_cache, prefix))
-        is_updated = property(lambda self: cache.is_updated)
+        def __init__(self, cache: Any, prefix: ActivePrefix) -> None:  # a view: the real cache keeps all state
+            self._cache, self._prefix = cache, prefix
 
-    return PrefixingEncoderDecoderCache()
+        @property
+        def self_attention_cache(self) -> _PrefixingCache:
+            return _PrefixingCache(self._cache.self_attention_cache, self._prefix)
+
+        @property
+        def cross_attention_cache(self) -> _PrefixingCache:
+            return _PrefixingCache(self._cache.cross_attention_cache, self._prefix)
+
+        @property
+        def is_updated(self) -> dict:
+            return self._cache.is_updated
+
+    return PrefixingEncoderDecoderCache
 
 
 def _bias_without_prefix(original: Callable) -> Callable:
@@ -336,7 +347,7 @@ class CacheInjection(Injection):
         prefix.check_batch(hidden.shape[0])
         cache = call.get("past_key_values")
         if isinstance(cache, EncoderDecoderCache):
-            call.set("past_key_values", _prefixing_encoder_decoder_cache(cache, prefix))
+            call.set("past_key_values", _prefixing_encoder_decoder_cache_class()(cache, prefix))
         else:
             call.set("past_key_values", _PrefixingCache(cache, prefix))
         mask = call.get("mask")
