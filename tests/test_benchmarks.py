@@ -18,7 +18,7 @@ def _read(out):
 def test_quality_smoke(tmp_path):
     from benchmarks import quality
 
-    quality.main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
+    quality.main(["--smoke", "--threads", "1", "--jobs", "1", "--out", str(tmp_path)])
     rows = {r["method"]: r for r in _read(tmp_path)["results"]}
     assert set(rows) == {m.name for m in common.standard_methods()}
     for row in rows.values():
@@ -31,11 +31,29 @@ def test_quality_smoke(tmp_path):
     assert "Target" in (tmp_path / "report.md").read_text()
 
 
+def test_quality_jobs_in_parallel_give_the_serial_results(tmp_path):
+    from benchmarks import quality
+
+    methods = ["ptv2_no_mlp", "lora_r8", "linear_probe"]
+    serial = quality.main(["--smoke", "--jobs", "1", "--threads", "1", "--out", str(tmp_path / "a"), "--methods",
+                           *methods])
+    parallel = quality.main(["--smoke", "--jobs", "2", "--out", str(tmp_path / "b"), "--methods", *methods])
+    assert [r["method"] for r in parallel] == methods  # the standard order, whichever worker finished first
+    for one, other in zip(serial, parallel):
+        assert one["runs"][0]["final_loss"] == other["runs"][0]["final_loss"]
+        assert one["accuracy_mean"] == other["accuracy_mean"]
+    meta = _read(tmp_path / "b")["meta"]
+    assert (meta["jobs"], meta["threads_per_job"]) == (2, 1)
+    with pytest.raises(SystemExit):
+        quality.main(["--smoke", "--jobs", "0", "--out", str(tmp_path / "c")])
+
+
 def test_quality_update_keeps_other_rows(tmp_path):
     from benchmarks import quality
 
     quality.main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--methods", "linear_probe"])
-    quality.main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--methods", "ptv2_no_mlp", "--update"])
+    quality.main(["--smoke", "--threads", "1", "--jobs", "1", "--out", str(tmp_path), "--methods", "ptv2_no_mlp",
+                  "--update"])
     assert [r["method"] for r in _read(tmp_path)["results"]] == ["ptv2_no_mlp", "linear_probe"]
     with pytest.raises(SystemExit):
         quality.main(["--smoke", "--out", str(tmp_path), "--methods", "nope"])
@@ -134,7 +152,10 @@ def test_onnx_inference_smoke(tmp_path):
     onnx_inference.main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--work-dir", str(tmp_path / "graphs")])
     result = _read(tmp_path)
     assert max(result["parity_max_abs_diff"].values()) < 1e-4  # every graph computes its PyTorch model's logits
-    assert {"base/sdpa", "ptv2/sdpa", "base/eager", "ptv2/eager"} <= set(result["fusions"])
+    assert {"base/sdpa", "ptv2/sdpa", "base/eager", "ptv2/eager", "ptv2-mha"} <= set(result["fusions"])
+    assert result["fusions"]["ptv2-mha"]["MultiHeadAttention"] == 2  # our fused graph: one node per tiny layer
+    assert "MultiHeadAttention" not in result["fusions"]["ptv2/sdpa"]  # the plain graph compared alongside
     row = result["shapes"][0]
-    assert row["best_base_graph"].startswith("ort:base/") and row["best_ptv2_graph"].startswith("ort:ptv2/")
+    assert row["best_base_graph"].startswith("ort:base/") and row["best_ptv2_graph"].startswith("ort:ptv2")
+    assert {"plain_vs_best_base", "mha_vs_best_base", "mha_optimized_vs_best_base"} <= set(row)
     assert not list(tmp_path.glob("*.onnx"))  # graphs never land in the results folder
