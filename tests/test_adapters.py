@@ -75,7 +75,7 @@ def test_gqa_gets_one_prefix_per_kv_head():
     assert key.shape == value.shape == (2, 4, 8)
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "gemma"])
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "modernbert", "gpt2", "llama", "gemma"])
 def test_eager_and_sdpa_agree(arch):
     outputs = []
     for implementation in ("eager", "sdpa"):
