@@ -6,10 +6,13 @@ Graphs (written to a temporary --work-dir, never to results/: they are ~90 MB ea
 - ``base``: the base classifier traced with the TorchScript exporter, as our exporter traces ours;
 - ``base+fused``: that graph through ORT's transformer optimizer (``optimize_model(model_type="bert")``: fused
   Attention, SkipLayerNormalization, BiasGelu, ...);
-- ``ptv2``: ``exporters.onnx.export`` of a P-Tuning v2 model (prefix as constant initializers);
-- ``ptv2+fused``: the same optimizer applied to our graph (what fuses is reported).
-Each is exported twice, with the model's SDPA and its eager attention (ORT's fusions match different patterns);
-the best base graph and our best graph are compared.
+- ``ptv2``: ``exporters.onnx.export(..., fused_attention=False)`` of a P-Tuning v2 model (prefix as constant
+  initializers, plain ONNX attention ops);
+- ``ptv2+fused``: the same optimizer applied to our graph (what fuses is reported);
+- ``ptv2-mha`` / ``ptv2-mha+fused``: our default export (``fused_attention="auto"``: each prefixed layer is one
+  ``com.microsoft.MultiHeadAttention``), without and with the optimizer on top.
+Base and plain graphs are exported twice, with the model's SDPA and its eager attention (ORT's fusions match
+different patterns); the MHA graph once (it replaces either). The best base graph and our best graph are compared.
 Every session uses ORT_ENABLE_ALL and --threads intra-op threads; shapes are timed round-robin.
 """
 
@@ -26,6 +29,7 @@ import torch
 from benchmarks import common
 
 SHAPES = [(1, 16), (1, 128), (32, 64)]
+MHA = "ptv2-mha"  # our graph with fused prefix attention (the exporter's default for encoders)
 TARGET_SHAPES = [(1, 128), (32, 64)]  # issue 6: ours <= 1.05x the best base ORT graph, and >= 2x PyTorch eager
 
 
@@ -107,9 +111,16 @@ def run(backbone: common.Backbone, n: int, shapes, rounds: int, threads: int, wo
         ours.eval()
         models[f"base/{impl}"], models[f"ptv2/{impl}"] = base, ours
         paths[f"base/{impl}"] = export_base(base, work_dir / f"base-{impl}" / "model.onnx")
-        paths[f"ptv2/{impl}"] = export(ours, work_dir / f"ptv2-{impl}", task="SEQ_CLS", force=True) / "model.onnx"
+        paths[f"ptv2/{impl}"] = export(ours, work_dir / f"ptv2-{impl}", task="SEQ_CLS", force=True,
+                                       fused_attention=False) / "model.onnx"
+        graphs = [f"base/{impl}", f"ptv2/{impl}"]
+        if impl == attn_implementations[0]:
+            models[MHA] = ours
+            paths[MHA] = export(ours, work_dir / "ptv2-mha", task="SEQ_CLS", force=True, fused_attention=True) \
+                / "model.onnx"
+            graphs.append(MHA)
         cfg = base.config
-        for name in (f"base/{impl}", f"ptv2/{impl}"):
+        for name in graphs:
             fused, fusions[name] = fuse(paths[name], paths[name].with_name("model_fused.onnx"),
                                         cfg.num_attention_heads, cfg.hidden_size)
             paths[f"{name}+fused"] = fused
@@ -123,7 +134,8 @@ def run(backbone: common.Backbone, n: int, shapes, rounds: int, threads: int, wo
     parity = {name: float(np.abs(sess.run(None, feed_for(sess, check))[0] - expected[name.split("+")[0]]).max())
               for name, sess in sessions.items()}
     base_graphs = [name for name in sessions if name.startswith("base/")]
-    ours_graphs = [name for name in sessions if name.startswith("ptv2/")]
+    plain_graphs = [name for name in sessions if name.startswith("ptv2/")]
+    ours_graphs = plain_graphs + [name for name in sessions if name.startswith(MHA)]
     eager_model = models[f"ptv2/{attn_implementations[0]}"]
     eager_base = models[f"base/{attn_implementations[0]}"]
 
@@ -147,17 +159,27 @@ def run(backbone: common.Backbone, n: int, shapes, rounds: int, threads: int, wo
         med = {k: common.summary(v)["median"] for k, v in times.items()}
         best_base = min((f"ort:{g}" for g in base_graphs), key=med.get)
         best_ours = min((f"ort:{g}" for g in ours_graphs), key=med.get)
+        best_plain = min((f"ort:{g}" for g in plain_graphs), key=med.get)
         row = {"batch": batch, "seq": seq, "median_seconds": med, "best_base_graph": best_base,
                "best_ptv2_graph": best_ours, "ptv2_vs_best_base": med[best_ours] / med[best_base],
+               "plain_vs_best_base": med[best_plain] / med[best_base],
+               "mha_vs_best_base": med[f"ort:{MHA}"] / med[best_base],
+               "mha_optimized_vs_best_base": med[f"ort:{MHA}+fused"] / med[best_base],
                "eager_vs_ptv2_ort": med["torch:ptv2"] / med[best_ours]}
         if (batch, seq) in TARGET_SHAPES:
             row["met_vs_base"] = row["ptv2_vs_best_base"] <= 1.05
             row["met_vs_eager"] = row["eager_vs_ptv2_ort"] >= 2.0
         rows.append(row)
         print(f"b={batch} s={seq}: " + ", ".join(f"{k} {1000 * v:.2f} ms" for k, v in med.items())
-              + f" | ours/best base {row['ptv2_vs_best_base']:.3f}, eager/ours {row['eager_vs_ptv2_ort']:.2f}x",
+              + f" | ours/best base {row['ptv2_vs_best_base']:.3f} (plain {row['plain_vs_best_base']:.3f}, mha "
+              f"{row['mha_vs_best_base']:.3f}, mha+opt {row['mha_optimized_vs_best_base']:.3f}), "
+              f"eager/ours {row['eager_vs_ptv2_ort']:.2f}x",
               flush=True)
     return {"fusions": fusions, "parity_max_abs_diff": parity, "shapes": rows}
+
+
+RATIOS = {"ptv2_vs_best_base": "ours/best base", "plain_vs_best_base": "plain/best base",
+          "mha_vs_best_base": "mha/best base", "mha_optimized_vs_best_base": "mha+opt/best base"}
 
 
 def report(result: dict, meta: dict) -> str:
@@ -169,7 +191,7 @@ def report(result: dict, meta: dict) -> str:
             verdict = (f"<=1.05x base: {'MET' if r['met_vs_base'] else 'MISSED'}; "
                        f">=2x eager: {'MET' if r['met_vs_eager'] else 'MISSED'}")
         table.append([r["batch"], r["seq"]] + [f"{1000 * r['median_seconds'][k]:.2f}" for k in names]
-                     + [f"{r['ptv2_vs_best_base']:.3f}", f"{r['eager_vs_ptv2_ort']:.2f}", verdict])
+                     + [f"{r[k]:.3f}" for k in RATIOS] + [f"{r['eager_vs_ptv2_ort']:.2f}", verdict])
     return "\n".join([
         "# Inference in ONNX Runtime (CPU)",
         "",
@@ -179,9 +201,12 @@ def report(result: dict, meta: dict) -> str:
         f"{meta['machine']['transformers']}, {meta['machine']['cpu_count']} CPUs.",
         "",
         "Median latency in ms. `ours/best base` compares our best graph with the base model's best ORT graph; "
-        "`eager/ours` is PyTorch eager (our model) over our best ORT graph.",
+        "`plain`, `mha` and `mha+opt` are our plain graph (best of sdpa/eager, with or without the optimizer), our "
+        f"fused-attention graph `{MHA}` as exported (the default), and that graph through ORT's optimizer, each over "
+        "the best base graph. `eager/ours` is PyTorch eager (our model) over our best ORT graph.",
         "",
-        common.markdown_table(["batch", "seq"] + names + ["ours/best base", "eager/ours", "targets"], table),
+        common.markdown_table(["batch", "seq"] + names + [RATIOS[k] for k in RATIOS] + ["eager/ours", "targets"],
+                              table),
         "",
         f"Fused ops after ORT's transformer optimizer: {result['fusions']}  ",
         f"Max |ORT - PyTorch| on logits: {result['parity_max_abs_diff']}",

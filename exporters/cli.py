@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
                         help="Compare PyTorch and ONNX Runtime after export and fail above --atol (default: on).")
     parser.add_argument("--atol", type=float, default=None, help="Parity tolerance (default 1e-4; 2e-2 for float16).")
+    parser.add_argument("--fused-attention", action=argparse.BooleanOptionalAction, default="auto",
+                        help="Encoders: run each prefixed attention layer as ONNX Runtime's fused "
+                        "com.microsoft.MultiHeadAttention (faster; needs onnxruntime). Default: wherever it applies "
+                        "(float32 encoders on transformers >= 5); --fused-attention fails if it cannot apply, "
+                        "--no-fused-attention writes standard ONNX ops only.")
     parser.add_argument("--force", action="store_true", help="Replace a non-empty output folder.")
     return parser
 
@@ -49,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         output = export(
             args.adapter, args.output, base_model=args.model, task=args.task, opset=args.opset, dtype=args.dtype,
             with_past=args.with_past, device=args.device, validate=args.validate, atol=args.atol, force=args.force,
-            progress=progress,
+            fused_attention=args.fused_attention, progress=progress,
         )
     except ExportValidationError as error:
         print(f"ptv2-export: validation failed: {error}", file=sys.stderr)

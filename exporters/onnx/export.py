@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from . import layout as L
+from .fused_attention import FUSED_OP, count_fused, fused_prefix_attention, parse_option, unsupported_reason
 from .tracing import eval_mode, heads_from_feed, prefix_from_feed, traceable_masks
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def export(
     validate: bool = True,
     atol: float | None = None,
     force: bool = False,
+    fused_attention: bool | str = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write ``model.onnx`` (prefix frozen in), ``config.json``, tokenizer files and ``ptv2_export.json``.
@@ -85,6 +87,12 @@ def export(
     the base model or its path; default: the adapter config's ``base_model_name_or_path``). ``adapters`` exports
     several adapters into one graph with an ``adapter_ids`` input selecting each row's prefix. The folder appears
     atomically, only after the export (and, with ``validate``, the parity check) succeeded.
+
+    ``fused_attention``: encoder graphs run each prefixed self-attention layer as ONNX Runtime's fused
+    ``com.microsoft.MultiHeadAttention`` (prefix in front of its keys/values), which ORT's own optimizer cannot
+    recover once a prefix is concatenated. ``"auto"`` (default) uses it wherever it applies and logs why not
+    elsewhere; ``True`` fails with the reason when it cannot apply to every prefixed layer; ``False`` writes plain
+    ONNX ops only (for runtimes without ORT's contrib ops).
     """
     say = progress or logger.info
     output_dir = Path(output_dir)
@@ -100,6 +108,7 @@ def export(
     if with_past and task not in GENERATIVE_TASKS:
         raise ValueError(f"with_past=True needs task CAUSAL_LM or SEQ_2_SEQ_LM, got {task}.")
     _check_model_kind(peft_model, task)
+    fused = _resolve_fused(parse_option(fused_attention), task, peft_model, torch_dtype, say)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
@@ -111,7 +120,7 @@ def export(
         prefix = _frozen_prefix(peft_model, names)
         say(f"Tracing with torch.onnx (TorchScript exporter, opset {opset})")
         (staging / "trace").mkdir()
-        files = {}
+        files, fused_layers = {}, 0
         for file_name, graph in graphs.items():
             traced = staging / "trace" / file_name
             if graph.part:
@@ -123,11 +132,14 @@ def export(
                 used = {name: prefix[name] for name in wanted}
             else:
                 slots = list(range(len(prefix) // 2))
-                _trace(inner, graph, prefix, names, multi, traced, opset, torch.device(device))
+                skipped = _trace(inner, graph, prefix, names, multi, traced, opset, torch.device(device), fused)
                 used = prefix
-            _finalize_graph(traced, staging / file_name, used, torch_dtype)
+            fused_here = _finalize_graph(traced, staging / file_name, used, torch_dtype)
+            fused_layers += fused_here
             files[file_name] = slots
             say(f"Wrote {file_name}: prefix stored as {len(used)} initializers, no prefix inputs")
+            if fused and not graph.part:
+                _check_fused(fused, fused_here, len(slots), skipped, say)
         shutil.rmtree(staging / "trace")
 
         inner.config.save_pretrained(staging)
@@ -138,6 +150,8 @@ def export(
             say(f"Copied tokenizer files: {', '.join(copied)}")
 
         metadata = _metadata(peft_model, names, multi, task, graphs, files, opset, dtype, torch.device(device))
+        metadata["fused_attention"] = {"op": f"com.microsoft.{FUSED_OP}", "layers": fused_layers} if fused_layers \
+            else None
         metadata_path = staging / L.METADATA_FILE_NAME
         metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
         if validate:
@@ -166,6 +180,32 @@ def export(
 
 
 # ------------------------------------------------------------------------------------------------ resolution
+def _resolve_fused(option: bool | str, task: str, peft_model, dtype: torch.dtype, say) -> bool | str:
+    """``option`` when the fused op can serve this export, else False (logged; an error for ``True``)."""
+    if option is False:
+        return False
+    model_type = peft_model.base_model.model.config.model_type
+    reason = unsupported_reason(task=task, model_type=model_type, dtype=dtype)
+    if reason is None:
+        return option
+    if option is True:
+        raise ValueError(f"fused_attention=True cannot apply: {reason}. Use fused_attention='auto' or False.")
+    say(f"Fused attention off: {reason}; writing plain attention ops")
+    return False
+
+
+def _check_fused(option: bool | str, fused_layers: int, prefixed_layers: int, skipped: list[str], say) -> None:
+    if fused_layers == prefixed_layers:
+        say(f"Fused attention: {fused_layers} prefixed layers run as com.microsoft.{FUSED_OP}")
+        return
+    why = "; ".join(dict.fromkeys(skipped)) or ("their attention runs neither through transformers' attention "
+                                                 "interface nor as BERT-style inline self-attention")
+    if option is True:
+        raise ValueError(f"fused_attention=True: only {fused_layers} of {prefixed_layers} prefixed layers could be "
+                         f"fused ({why}). Use fused_attention='auto' or False.")
+    say(f"Fused attention: {fused_layers} of {prefixed_layers} prefixed layers fused; the rest use plain ops ({why})")
+
+
 def _parse_dtype(dtype: Any) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
@@ -319,8 +359,10 @@ def _frozen_prefix(peft_model, names: list[str]) -> dict[str, torch.Tensor]:
 class _ExportWrapper(nn.Module):
     """Positional graph inputs -> model call -> flat outputs; the prefix arrives as trailing inputs."""
 
-    def __init__(self, model: nn.Module, graph: L.GraphLayout, feed, multi: bool, num_slots: int) -> None:
+    def __init__(self, model: nn.Module, graph: L.GraphLayout, feed, multi: bool, num_slots: int,
+                 fused_trace=None) -> None:
         super().__init__()
+        self.fused_trace = fused_trace
         self.model = model
         self.graph = graph
         self.feed = feed
@@ -334,6 +376,8 @@ class _ExportWrapper(nn.Module):
         if self.multi:
             self.feed.adapter_ids = rest.pop(0)
         self.feed.keys, self.feed.values = rest[0::2], rest[1::2]
+        if self.fused_trace is not None:
+            self.fused_trace.attention_mask = inputs.get("attention_mask")
         past = [inputs.pop(name) for name in graph.past_names]
         if graph.task == "CAUSAL_LM":
             inputs["use_cache"] = graph.with_past
@@ -399,7 +443,8 @@ def _kv_shape(model: nn.Module, device: torch.device) -> tuple[int, int]:
 
 
 def _trace(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.Tensor], names: list[str], multi: bool,
-           path: Path, opset: int, device: torch.device) -> None:
+           path: Path, opset: int, device: torch.device, fused: bool | str = False) -> list[str]:
+    """Trace one graph; returns why layers were not fused (empty when all were, or fusion is off)."""
     dtype = next(inner.parameters()).dtype
     generator = torch.Generator().manual_seed(0)
     kv_shape = _kv_shape(inner, device) if graph.with_past else None
@@ -414,18 +459,22 @@ def _trace(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.Tenso
     args.extend(t.to(device) for t in prefix.values())
     input_names.extend(prefix)
     with prefix_from_feed(inner, names) as feed, traceable_masks(), eval_mode(inner), torch.no_grad(), \
-            warnings.catch_warnings(), (heads_from_feed(inner, names, feed) if multi else nullcontext()):
+            warnings.catch_warnings(), (heads_from_feed(inner, names, feed) if multi else nullcontext()), \
+            fused_prefix_attention(bool(fused), inner) as fused_trace:
         # Shape-dependent Python branches the tracer warns about are covered by the parity check across shapes.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        wrapper = _ExportWrapper(inner, graph, feed, multi, len(prefix) // 2).eval()
+        wrapper = _ExportWrapper(inner, graph, feed, multi, len(prefix) // 2, fused_trace).eval()
         torch.onnx.export(
             wrapper, tuple(args), str(path), dynamo=False, opset_version=opset, input_names=input_names,
             output_names=graph.outputs, dynamic_axes=dynamic_axes, do_constant_folding=True,
+            custom_opsets={"com.microsoft": 1} if fused else None,
         )
+    return fused_trace.skipped if fused_trace is not None else []
 
 
-def _finalize_graph(traced: Path, path: Path, prefix: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Turn the traced prefix inputs into initializers holding exactly the exported prefix; convert to float16."""
+def _finalize_graph(traced: Path, path: Path, prefix: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
+    """Turn the traced prefix inputs into initializers holding exactly the exported prefix; convert to float16.
+    Returns the number of fused attention nodes."""
     import onnx
     from onnx import numpy_helper
 
@@ -447,6 +496,7 @@ def _finalize_graph(traced: Path, path: Path, prefix: dict[str, torch.Tensor], d
     onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=path.name + "_data" if external else None)
     onnx.checker.check_model(str(path))
+    return count_fused(proto.graph)
 
 
 # ------------------------------------------------------------------------------------------- folder contents
