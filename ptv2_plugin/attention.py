@@ -56,6 +56,11 @@ _ACTIVE: ContextVar[ActivePrefix | None] = ContextVar("ptv2_active_prefix", defa
 ROW_ADAPTERS: ContextVar[list[str] | None] = ContextVar("ptv2_row_adapters", default=None)
 
 
+def current_prefix() -> ActivePrefix | None:
+    """The prefix of the attention layer running now (None outside a prefixed layer): what exporters read."""
+    return _ACTIVE.get()
+
+
 @contextmanager
 def active_prefix(prefix: ActivePrefix):
     token = _ACTIVE.set(prefix)

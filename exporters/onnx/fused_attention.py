@@ -148,9 +148,9 @@ def _fused_or(original):
     """The plugin's registered attention function, with prefixed encoder self-attention fused while tracing."""
 
     def attention(module, query, key, value, attention_mask, *args: Any, **kwargs: Any):
-        from ptv2_plugin.attention import _ACTIVE
+        from ptv2_plugin.attention import current_prefix
 
-        trace, prefix = _TRACE.get(), _ACTIVE.get()
+        trace, prefix = _TRACE.get(), current_prefix()
         if trace is None or prefix is None:
             return original(module, query, key, value, attention_mask, *args, **kwargs)
         reason = _skip_reason(module, query, key, prefix, trace, kwargs)
@@ -196,9 +196,9 @@ def _fused_forward(module: torch.nn.Module, original):
     """``module.forward`` with the inline attention math as the fused op (projections and their hooks kept)."""
 
     def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any):
-        from ptv2_plugin.attention import _ACTIVE
+        from ptv2_plugin.attention import current_prefix
 
-        trace, prefix = _TRACE.get(), _ACTIVE.get()
+        trace, prefix = _TRACE.get(), current_prefix()
         extras = [name for name in _INLINE_EXTRAS if kwargs.get(name) not in (None, False)]
         if trace is None or prefix is None:
             return original(hidden_states, attention_mask, *args, **kwargs)
