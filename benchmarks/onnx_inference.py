@@ -213,7 +213,25 @@ def report(result: dict, meta: dict) -> str:
         f"Fused ops after ORT's transformer optimizer: {result['fusions']}  ",
         f"Max |ORT - PyTorch| on logits: {result['parity_max_abs_diff']}",
         "",
+        *_why_missed(result),
     ]) + "\n"
+
+
+def _why_missed(result: dict) -> list[str]:
+    """For a missed ">= 2x eager" target: how far the base model itself gets from eager in ORT on this machine."""
+    lines = []
+    for r in result["shapes"]:
+        if r.get("met_vs_eager", True):
+            continue
+        medians = r["median_seconds"]
+        base_ort = min(v for k, v in medians.items() if k.startswith("ort:base"))
+        if "torch:base" in medians:
+            lines.append(
+                f"- batch {r['batch']} x seq {r['seq']}: >= 2x eager missed ({r['eager_vs_ptv2_ort']:.2f}x). Even the "
+                f"base model's best ORT graph is only {medians['torch:base'] / base_ort:.2f}x faster than PyTorch "
+                "eager here: this float32 model on this CPU leaves ORT little to gain, with or without a prefix."
+            )
+    return lines
 
 
 def main(argv=None) -> dict:

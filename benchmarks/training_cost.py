@@ -75,6 +75,18 @@ def report(result: dict, meta: dict) -> str:
     for key, limit, text in checks:
         if key in r:
             lines.append(f"- {text}: {r[key]:.3f}x -> {'MET' if r[key] <= limit else 'MISSED'}")
+    memory = result["memory"]
+    if r.get("memory_ptv2_vs_lora_r8", 0) > 1.0 and {"ptv2", "lora_r8"} <= set(memory):
+        ours, lora = memory["ptv2"], memory["lora_r8"]
+        activations = common.mib(ours["activation_bytes"] - lora["activation_bytes"])
+        state = common.mib(ours["trainable_state_bytes"] - lora["trainable_state_bytes"])
+        params = result["trainable_params"]
+        lines.append(
+            f"- Why the LoRA memory target is missed: +{activations:.1f} MiB saved activations (every attention map "
+            f"is {meta['n']} keys wider) and +{state:.1f} MiB gradients and AdamW state ({params['ptv2']} trainable "
+            f"parameters, the MLP, against {params['lora_r8']}). Without the MLP (prefix_projection=False) P-Tuning "
+            "v2 trains as many parameters as LoRA r=8 here; the MLP is what makes the prefix train well."
+        )
     return "\n".join(lines) + "\n"
 
 

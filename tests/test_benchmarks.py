@@ -159,3 +159,30 @@ def test_onnx_inference_smoke(tmp_path):
     assert row["best_base_graph"].startswith("ort:base/") and row["best_ptv2_graph"].startswith("ort:ptv2")
     assert {"plain_vs_best_base", "mha_vs_best_base", "mha_optimized_vs_best_base"} <= set(row)
     assert not list(tmp_path.glob("*.onnx"))  # graphs never land in the results folder
+
+
+def test_missed_targets_come_with_their_reasons():
+    """Each cost report explains a missed target from its own measurements (profile, memory breakdown, base ORT)."""
+    import copy
+
+    from benchmarks import inference, onnx_inference, training_cost
+
+    base = common.tiny_backbone().make().eval()
+    models = inference.prefix_models(lambda: copy.deepcopy(base), 4, "SEQ_CLS")
+    profile = inference.profile_overhead(models["base"], models["ptv2"], common.random_batch(100, 1, 8), forwards=3)
+    assert profile["extra_op_total_seconds"] > 0 and profile["python_seconds"] >= 0
+    assert profile["extra_op_calls"]["aten::cat"] >= 2 * 2  # keys and values concatenated in each of 2 layers
+    text = "\n".join(inference._why_missed([{"batch": 1, "seq": 8, "overhead_profile": profile}]))
+    assert "Why batch 1 x seq 8" in text and "Python" in text
+
+    memory = {"ptv2": {"activation_bytes": 3 << 20, "trainable_state_bytes": 2 << 20, "peak_extra_bytes": 5 << 20},
+              "lora_r8": {"activation_bytes": 2 << 20, "trainable_state_bytes": 1 << 20, "peak_extra_bytes": 3 << 20}}
+    result = {"ratios": {"memory_ptv2_vs_lora_r8": 5 / 3}, "memory": memory, "batch": 2, "seq": 4,
+              "trainable_params": {"ptv2": 10, "lora_r8": 5}, "step_seconds": {}}
+    meta = {"command": "x", "backbone": "tiny", "n": 4, "rounds": 1,
+            "machine": {"torch_threads": 1, "cpu_count": 1, "torch": "t", "transformers": "t"}}
+    assert "+1.0 MiB saved activations" in training_cost.report(result, meta)
+
+    shapes = [{"batch": 1, "seq": 8, "met_vs_eager": False, "eager_vs_ptv2_ort": 1.2,
+               "median_seconds": {"ort:base/sdpa": 1.0, "ort:base/eager": 0.8, "torch:base": 1.2}}]
+    assert "only 1.50x faster" in "\n".join(onnx_inference._why_missed({"shapes": shapes}))
