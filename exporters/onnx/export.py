@@ -34,7 +34,7 @@ from torch import nn
 
 from . import layout as L
 from .fused_attention import FUSED_OP, count_fused, fused_prefix_attention, parse_option, unsupported_reason
-from .tracing import eval_mode, heads_from_feed, prefix_from_feed, traceable_masks
+from .tracing import eval_mode, graph_arguments, heads_from_feed, prefix_from_feed, traceable_masks
 
 logger = logging.getLogger(__name__)
 
@@ -449,15 +449,7 @@ def _trace(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.Tenso
     generator = torch.Generator().manual_seed(0)
     kv_shape = _kv_shape(inner, device) if graph.with_past else None
     example = sample_inputs(inner.config, graph, kv_shape=kv_shape, device=device, dtype=dtype, generator=generator)
-    args = [example[name] for name in graph.inputs]
-    input_names = list(graph.inputs)
-    dynamic_axes = dict(graph.dynamic_axes)
-    if multi:
-        args.append(torch.arange(example["input_ids"].shape[0], device=device) % len(names))
-        input_names.append(L.ADAPTER_IDS_INPUT)
-        dynamic_axes[L.ADAPTER_IDS_INPUT] = {0: "batch_size"}
-    args.extend(t.to(device) for t in prefix.values())
-    input_names.extend(prefix)
+    args, input_names, dynamic_axes = graph_arguments(example, graph, prefix, len(names) if multi else 0, device)
     with prefix_from_feed(inner, names) as feed, traceable_masks(), eval_mode(inner), torch.no_grad(), \
             warnings.catch_warnings(), (heads_from_feed(inner, names, feed) if multi else nullcontext()), \
             fused_prefix_attention(bool(fused), inner) as fused_trace:

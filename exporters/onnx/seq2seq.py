@@ -17,7 +17,7 @@ from torch import nn
 from ptv2_plugin.architectures import ENCODER_SELF_ATTENTION, attention_location
 
 from . import layout as L
-from .tracing import PrefixFeed, eval_mode, prefix_from_feed, prefixed_layers, traceable_masks
+from .tracing import PrefixFeed, eval_mode, graph_arguments, prefix_from_feed, prefixed_layers, traceable_masks
 
 
 def slot_locations(model: nn.Module, adapter: str) -> dict[int, str]:
@@ -148,18 +148,13 @@ def trace_part(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.T
     generator = torch.Generator().manual_seed(0)
     kv_shape = cache_geometry(inner, device) if graph.with_past else None
     example = sample_inputs(inner.config, graph, kv_shape=kv_shape, dtype=dtype, device=device, generator=generator)
-    args = [example[name] for name in graph.inputs]
-    input_names = list(graph.inputs)
-    dynamic_axes = dict(graph.dynamic_axes)
-    if multi and slots:
-        args.append(torch.arange(args[0].shape[0], device=device) % len(names))
-        input_names.append(L.ADAPTER_IDS_INPUT)
-        dynamic_axes[L.ADAPTER_IDS_INPUT] = {0: "batch_size"}
+    own = {}  # this part's prefix slots, in slot order
     for slot in slots:
         for kind in ("key", "value"):
             name = L.PREFIX_INITIALIZER.format(slot=slot, kind=kind)
-            args.append(prefix[name].to(device))
-            input_names.append(name)
+            own[name] = prefix[name]
+    adapters = len(names) if multi and slots else 0
+    args, input_names, dynamic_axes = graph_arguments(example, graph, own, adapters, device)
     with prefix_from_feed(inner, names) as feed, traceable_masks(), eval_mode(inner), torch.no_grad(), \
             warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)

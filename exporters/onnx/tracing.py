@@ -18,6 +18,8 @@ from torch import nn
 from ptv2_plugin import PTuningV2Layer
 from ptv2_plugin.attention import ActivePrefix
 
+from . import layout as L
+
 
 class PrefixFeed:
     """Per-slot prefix tensors handed to the patched layers during one traced forward.
@@ -36,6 +38,23 @@ class PrefixFeed:
         if self.adapter_ids is None:
             return ActivePrefix(key.unsqueeze(0), value.unsqueeze(0))
         return ActivePrefix(key.index_select(0, self.adapter_ids), value.index_select(0, self.adapter_ids))
+
+
+def graph_arguments(example: dict[str, torch.Tensor], graph: L.GraphLayout, prefix: dict[str, torch.Tensor],
+                    adapters: int, device: torch.device) -> tuple[list[torch.Tensor], list[str], dict]:
+    """Positional arguments, input names and dynamic axes of one traced graph: the graph's inputs, then (several
+    adapters) each row's adapter id, then the prefix tensors, which become initializers after tracing."""
+    args = [example[name] for name in graph.inputs]
+    names = list(graph.inputs)
+    axes = dict(graph.dynamic_axes)
+    if adapters:
+        args.append(torch.arange(args[0].shape[0], device=device) % adapters)
+        names.append(L.ADAPTER_IDS_INPUT)
+        axes[L.ADAPTER_IDS_INPUT] = {0: "batch_size"}
+    for name, tensor in prefix.items():
+        args.append(tensor.to(device))
+        names.append(name)
+    return args, names, axes
 
 
 def prefixed_layers(model: nn.Module) -> list[PTuningV2Layer]:
