@@ -28,7 +28,7 @@ PTUNING_V2_ATTENTION = "ptv2_prefixed"
 SUPPORTED_BASE_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
-@dataclass
+@dataclass(frozen=True)  # cached and shared across calls while serving: never mutated
 class ActivePrefix:
     """Prefix of the layer being run: keys and values of shape (batch or 1, kv_heads, n, head_dim).
 
@@ -133,6 +133,13 @@ class PrefixedAttentionConfig:
         return f"PrefixedAttentionConfig({self.base_config!r})"
 
 
+def unsupported_backend(implementation: str, module_name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"P-Tuning v2 runs on attn_implementation 'eager' or 'sdpa'; {module_name} uses {implementation!r}. "
+        "Load the model with attn_implementation='sdpa'."
+    )
+
+
 def base_attention_function(module: nn.Module) -> Callable:
     """The function the module would call without us: its own file's eager function, or the registered one.
 
@@ -152,10 +159,7 @@ def base_attention_function(module: nn.Module) -> Callable:
     elif implementation in SUPPORTED_BASE_IMPLEMENTATIONS:
         function = ALL_ATTENTION_FUNCTIONS[implementation]
     else:
-        raise NotImplementedError(
-            f"P-Tuning v2 runs on attn_implementation 'eager' or 'sdpa'; this model uses {implementation!r}. "
-            "Load it with attn_implementation='sdpa'."
-        )
+        raise unsupported_backend(implementation, type(module).__name__)
     if view is not None:
         view.__dict__["_resolved"] = (implementation, function)
     return function
@@ -176,10 +180,8 @@ def prefixed_attention(
     if prefix is None:
         return attend(module, query, key, value, attention_mask, *args, **kwargs)
     n = prefix.length
-    batch = key.shape[0]
-    prefix.check_batch(batch)
-    key = torch.cat([_match(prefix.key, key), key], dim=2)
-    value = torch.cat([_match(prefix.value, value), value], dim=2)
+    prefix.check_batch(key.shape[0])
+    key, value = prepend_prefix(prefix, key, value)
     if attention_mask is not None:
         attention_mask = widen_mask(attention_mask, n, prefix.visible)
     else:
@@ -196,6 +198,11 @@ def prefixed_attention(
         # Prefix keys have no position, so no relative-position bias (T5); visibility is already in the mask.
         kwargs["position_bias"] = widen_mask(position_bias, n)
     return attend(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def prepend_prefix(prefix: ActivePrefix, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[prefix; key]`` and ``[prefix; value]`` along the sequence axis of (batch, kv_heads, seq, head_dim) states."""
+    return torch.cat([_match(prefix.key, key), key], dim=2), torch.cat([_match(prefix.value, value), value], dim=2)
 
 
 def _match(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:

@@ -27,11 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import _ACTIVE, ActivePrefix, Injection, widen_mask
+from .attention import (
+    _ACTIVE,
+    SUPPORTED_BASE_IMPLEMENTATIONS,
+    ActivePrefix,
+    Injection,
+    unsupported_backend,
+    widen_mask,
+)
 
 # Key/value projection names of attention modules whose keys come straight from their projections.
 PROJECTION_NAMES = (("key", "value"), ("key_proj", "value_proj"))
-SUPPORTED_BASE_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
 def _flat(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -43,10 +49,7 @@ def _flat(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _check_backend(module: nn.Module) -> None:
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None) or "eager"
     if implementation not in SUPPORTED_BASE_IMPLEMENTATIONS:
-        raise NotImplementedError(
-            f"P-Tuning v2 runs on attn_implementation 'eager' or 'sdpa'; {type(module).__name__} uses "
-            f"{implementation!r}. Load the model with attn_implementation='sdpa'."
-        )
+        raise unsupported_backend(implementation, type(module).__name__)
 
 
 class _Bound:

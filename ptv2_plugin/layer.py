@@ -37,18 +37,22 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, slot: int) -> None:
         self.ptv2_slot[adapter_name] = slot
 
-    def _key_value(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _encoder_slot(self, name: str):
+        """The adapter's prefix encoder and this layer's slot in it, or None if the adapter does not prefix this
+        layer (e.g. other layers_to_transform)."""
         if name not in self.ptv2_slot or name not in self.__dict__["_encoders"]:
-            return None  # this adapter does not prefix this layer (e.g. other layers_to_transform)
-        return self.__dict__["_encoders"][name].slot_key_value(self.ptv2_slot[name])
+            return None
+        return self.__dict__["_encoders"][name], self.ptv2_slot[name]
+
+    def _key_value(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        found = self._encoder_slot(name)
+        return None if found is None else found[0].slot_key_value(found[1])
 
     def prefix(self, adapter_names: list[str]) -> ActivePrefix | None:
         """Keys/values of the given adapters, concatenated along the prefix axis, shaped (1, kv_heads, n, head_dim)."""
         if len(adapter_names) == 1:  # the common case, served from the encoder's cache without a copy
-            name = adapter_names[0]
-            if name not in self.ptv2_slot or name not in self.__dict__["_encoders"]:
-                return None
-            return self.__dict__["_encoders"][name].slot_prefix(self.ptv2_slot[name])
+            found = self._encoder_slot(adapter_names[0])
+            return None if found is None else found[0].slot_prefix(found[1])
         parts = [kv for kv in map(self._key_value, adapter_names) if kv is not None]
         if not parts:
             return None

@@ -37,6 +37,9 @@ from typing import Any
 
 import torch
 
+from ptv2_plugin import PTuningV2Layer
+from ptv2_plugin.attention import PTUNING_V2_ATTENTION, current_prefix, prepend_prefix, uses_attention_interface
+
 logger = logging.getLogger(__name__)
 
 DOMAIN = "com.microsoft"
@@ -148,8 +151,6 @@ def _fused_or(original):
     """The plugin's registered attention function, with prefixed encoder self-attention fused while tracing."""
 
     def attention(module, query, key, value, attention_mask, *args: Any, **kwargs: Any):
-        from ptv2_plugin.attention import current_prefix
-
         trace, prefix = _TRACE.get(), current_prefix()
         if trace is None or prefix is None:
             return original(module, query, key, value, attention_mask, *args, **kwargs)
@@ -158,8 +159,7 @@ def _fused_or(original):
             trace.skipped.append(f"{type(module).__name__}: {reason}")
             return original(module, query, key, value, attention_mask, *args, **kwargs)
         batch, heads, length, head_dim = query.shape
-        keys = torch.cat([prefix.key.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
-        values = torch.cat([prefix.value.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+        keys, values = prepend_prefix(prefix, key, value)
         scale = kwargs.get("scaling") or head_dim**-0.5
         flat_query = query.transpose(1, 2).reshape(batch, length, heads * head_dim)
         out = PrefixMultiHeadAttention.apply(flat_query, keys, values, trace.key_padding(prefix.length), int(heads),
@@ -180,24 +180,13 @@ def _inline_self_attention(module: torch.nn.Module) -> bool:
             and isinstance(getattr(module, "num_attention_heads", None), int)
             and getattr(module, "position_embedding_type", "absolute") == "absolute"
             and not getattr(module, "is_decoder", False)
-            and "ALL_ATTENTION_FUNCTIONS" not in _source(type(module).forward))
-
-
-def _source(function) -> str:
-    import inspect
-
-    try:
-        return inspect.getsource(function)
-    except (OSError, TypeError):
-        return ""
+            and not uses_attention_interface(module))
 
 
 def _fused_forward(module: torch.nn.Module, original):
     """``module.forward`` with the inline attention math as the fused op (projections and their hooks kept)."""
 
     def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any):
-        from ptv2_plugin.attention import current_prefix
-
         trace, prefix = _TRACE.get(), current_prefix()
         extras = [name for name in _INLINE_EXTRAS if kwargs.get(name) not in (None, False)]
         if trace is None or prefix is None:
@@ -223,8 +212,6 @@ def _fused_forward(module: torch.nn.Module, original):
 
 @contextmanager
 def _fused_inline_modules(model: torch.nn.Module | None) -> Iterator[None]:
-    from ptv2_plugin import PTuningV2Layer
-
     modules = [] if model is None else [
         m.base_layer for m in model.modules() if isinstance(m, PTuningV2Layer) and _inline_self_attention(m.base_layer)
     ]
@@ -246,8 +233,6 @@ def fused_prefix_attention(enabled: bool = True, model: torch.nn.Module | None =
         yield None
         return
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-
-    from ptv2_plugin.attention import PTUNING_V2_ATTENTION
 
     original = ALL_ATTENTION_FUNCTIONS[PTUNING_V2_ATTENTION]
     trace = FusedTrace()
