@@ -35,6 +35,7 @@ from .attention import (
     unsupported_backend,
     widen_mask,
 )
+from .cache_names import cache_parameter
 
 # Key/value projection names of attention modules whose keys come straight from their projections.
 PROJECTION_NAMES = (("key", "value"), ("key_proj", "value_proj"))
@@ -348,11 +349,12 @@ class CacheInjection(Injection):
         call = _Bound(self.module, args, kwargs)
         hidden, n = call.get("hidden_states"), prefix.length
         prefix.check_batch(hidden.shape[0])
-        cache = call.get("past_key_values")
+        name = cache_parameter(inspect.signature(self.module.forward).parameters)
+        cache = call.get(name)
         if isinstance(cache, EncoderDecoderCache):
-            call.set("past_key_values", _prefixing_encoder_decoder_cache_class()(cache, prefix))
+            call.set(name, _prefixing_encoder_decoder_cache_class()(cache, prefix))
         else:
-            call.set("past_key_values", _PrefixingCache(cache, prefix))
+            call.set(name, _PrefixingCache(cache, prefix))
         mask = call.get("mask")
         if mask is not None:
             call.set("mask", widen_mask(mask, n, prefix.visible))
@@ -378,7 +380,7 @@ def inline_injection(module: nn.Module) -> type[Injection] | None:
         return PaddedInputInjection
     if isinstance(getattr(module, "Wqkv", None), nn.Linear) and hasattr(module, "rotary_emb"):
         return FusedQKVInjection
-    if {"past_key_values", "position_bias", "mask"} <= set(parameters) and isinstance(
+    if cache_parameter(parameters) and {"position_bias", "mask"} <= set(parameters) and isinstance(
         getattr(module, "k", None), nn.Linear
     ):
         return CacheInjection

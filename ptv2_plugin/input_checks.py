@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cache_names import cached_length
+
 # Families with learned absolute position embeddings, and how many positions are reserved (RoBERTa numbers from
 # padding_idx + 1). Rotary and relative models have no hard table limit, so they are not checked.
 LEARNED_POSITIONS_OFFSET = {
@@ -54,7 +56,7 @@ def check_forward_inputs(model: nn.Module, kwargs: dict[str, Any], shift: int) -
                 )
     if attention_mask is not None and input_ids is not None:
         if attention_mask.shape != input_ids.shape and attention_mask.dim() == 2:
-            past = _past_length(kwargs)
+            past = cached_length(kwargs)
             if attention_mask.shape != (input_ids.shape[0], past + input_ids.shape[1]):
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids {tuple(input_ids.shape)}"
@@ -74,7 +76,7 @@ def check_forward_inputs(model: nn.Module, kwargs: dict[str, Any], shift: int) -
     limit = max_real_tokens(model.config)
     reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     if limit is not None and reference is not None:
-        length = _past_length(kwargs) + reference.shape[1] + shift
+        length = cached_length(kwargs) + reference.shape[1] + shift
         if length > limit:
             counted = (
                 f" plus the prefix's {shift} positions (shift_position_ids=True)"
@@ -93,11 +95,6 @@ def check_forward_inputs(model: nn.Module, kwargs: dict[str, Any], shift: int) -
                 f"inputs_embeds are {embeds.dtype} on {embeds.device} but the model is {weight.dtype} on "
                 f"{weight.device}."
             )
-
-
-def _past_length(kwargs: dict[str, Any]) -> int:
-    past = kwargs.get("past_key_values")
-    return int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
 
 
 def _has_padding(model: nn.Module, input_ids: torch.Tensor) -> bool:

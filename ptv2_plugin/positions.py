@@ -14,12 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def _past_length(kwargs: dict) -> int:
-    past = kwargs.get("past_key_values")
-    if past is None or not hasattr(past, "get_seq_length"):
-        return 0
-    return int(past.get_seq_length())
+from .cache_names import cached_length
 
 
 def default_position_ids(model: nn.Module, kwargs: dict) -> torch.Tensor:
@@ -29,7 +24,7 @@ def default_position_ids(model: nn.Module, kwargs: dict) -> torch.Tensor:
     if reference is None:
         raise ValueError("shift_position_ids needs input_ids or inputs_embeds to number the tokens.")
     batch, length = reference.shape[:2]
-    past = _past_length(kwargs)
+    past = cached_length(kwargs)
     padding_idx = getattr(model.config, "pad_token_id", None)
     if model.config.model_type in ("roberta", "xlm-roberta") and input_ids is not None and padding_idx is not None:
         # RoBERTa numbers real tokens from padding_idx + 1 and gives padding the padding index.

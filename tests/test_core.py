@@ -9,6 +9,7 @@ import torch
 from peft import get_peft_model
 
 from ptv2_plugin import PTuningV2Config
+from ptv2_plugin.cache_names import cache_from_output, cache_kwargs
 from tests.tiny_models import ARCHITECTURES, DECODERS, ENCODERS, default_task, sample_inputs, tiny_model
 
 
@@ -108,19 +109,25 @@ def test_left_padding_with_position_ids_does_not_change_real_tokens(arch):
 
 @pytest.mark.parametrize("arch", DECODERS)
 def test_generate_with_cache_matches_greedy_without_cache(arch):
+    """Batched, left-padded generation: the same tokens with the cache, without it, and for each row alone."""
     _, model = make(arch)
-    inputs = sample_inputs(arch, batch=2, length=4)
-    inputs["attention_mask"][0, 0] = 0  # one left-padded row
+    inputs = sample_inputs(arch, batch=3, length=5)
+    inputs["attention_mask"][0, :1] = 0  # left-padded rows of different lengths
+    inputs["attention_mask"][2, :3] = 0
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         cached = model.generate(**inputs, use_cache=True, **kwargs)
         uncached = model.generate(**inputs, use_cache=False, **kwargs)
-        # and the same by hand: repeated full forwards, argmax of the last position
-        ids = inputs["input_ids"][1:2]
-        for _ in range(6):
-            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
-    assert torch.equal(cached, uncached)
-    assert torch.equal(cached[1:2], ids)
+        assert torch.equal(cached, uncached)
+        for row in range(3):
+            real = inputs["input_ids"][row : row + 1, inputs["attention_mask"][row].bool()]
+            alone = model.generate(input_ids=real, attention_mask=torch.ones_like(real), **kwargs)
+            # and the same by hand: repeated full forwards, argmax of the last position
+            ids = real
+            for _ in range(6):
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+            assert torch.equal(alone, ids), (arch, row)
+            assert torch.equal(cached[row, -6:], ids[0, -6:]), (arch, row)
 
 
 @pytest.mark.parametrize("arch", DECODERS)
@@ -129,7 +136,7 @@ def test_prefix_never_enters_the_cache(arch):
     inputs = sample_inputs(arch, batch=1, length=5)
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
-    assert out.past_key_values.get_seq_length() == 5
+    assert cache_from_output(out).get_seq_length() == 5
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
@@ -148,7 +155,7 @@ def test_decoder_matches_the_prefix_as_a_prefilled_cache(arch):
     position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         expected = reference(
-            input_ids=inputs["input_ids"], attention_mask=mask, position_ids=position_ids, past_key_values=cache
+            input_ids=inputs["input_ids"], attention_mask=mask, position_ids=position_ids, **cache_kwargs(cache)
         ).logits
         got = model(**inputs, position_ids=position_ids).logits
     real = inputs["attention_mask"].bool()

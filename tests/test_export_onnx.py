@@ -23,6 +23,7 @@ from exporters.onnx import (  # noqa: E402
     export,
 )
 from ptv2_plugin import PTuningV2Config  # noqa: E402
+from ptv2_plugin.cache_names import cache_from_output, cache_kwargs  # noqa: E402
 from tests.tiny_models import ARCHITECTURES, DECODERS, ENCODERS, VOCAB, default_task, tiny_model  # noqa: E402
 
 ATOL = 1e-4
@@ -111,14 +112,14 @@ def test_decoder_steps_from_empty_past(exported, arch):
         assert (actual.logits - reference.logits).abs().max().item() <= ATOL
         for step in range(4):
             # the prefix never enters the cache: present holds exactly the real tokens seen so far
-            assert actual.past_key_values[0][0].shape[2] == length + step
-            assert reference.past_key_values.get_seq_length() == length + step
+            assert cache_from_output(actual)[0][0].shape[2] == length + step
+            assert cache_from_output(reference).get_seq_length() == length + step
             token = torch.randint(3, VOCAB, (size, 1), generator=torch.Generator().manual_seed(step))
             mask = torch.cat([mask, torch.ones(size, 1, dtype=mask.dtype)], dim=1)
             step_inputs = {"input_ids": token, "attention_mask": mask, "position_ids": mask.sum(-1, keepdim=True) - 1}
             with torch.no_grad():
-                reference = model(**step_inputs, past_key_values=reference.past_key_values, use_cache=True)
-            actual = runtime(**step_inputs, past_key_values=actual.past_key_values)
+                reference = model(**step_inputs, **cache_kwargs(cache_from_output(reference)), use_cache=True)
+            actual = runtime(**step_inputs, **cache_kwargs(cache_from_output(actual)))
             assert (actual.logits - reference.logits).abs().max().item() <= ATOL, (arch, size, step)
 
 
@@ -132,6 +133,10 @@ def test_decoder_generate_gives_identical_tokens(exported, arch):
         expected = model.generate(**inputs, **kwargs)
     actual = runtime.generate(**inputs, **kwargs)
     assert actual.tolist() == expected.tolist()
+    for row in range(3):  # each row alone, without its padding, continues the same way
+        real = inputs["input_ids"][row : row + 1, inputs["attention_mask"][row].bool()]
+        alone = runtime.generate(input_ids=real, attention_mask=torch.ones_like(real), **kwargs)
+        assert alone[0, -6:].tolist() == expected[row, -6:].tolist(), (arch, row)
 
 
 # ------------------------------------------------------------------------------------------- graph contents

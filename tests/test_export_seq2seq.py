@@ -27,6 +27,7 @@ from exporters.onnx import (  # noqa: E402
 from exporters.onnx.seq2seq import flatten_encoder_decoder_cache, slot_locations  # noqa: E402
 from ptv2_plugin import PTuningV2Config  # noqa: E402
 from ptv2_plugin.architectures import CROSS_ATTENTION, DECODER_SELF_ATTENTION, ENCODER_SELF_ATTENTION  # noqa: E402
+from ptv2_plugin.cache_names import cache_from_output, cache_kwargs  # noqa: E402
 from tests.tiny_models import SEQ2SEQ, VOCAB, tiny_model  # noqa: E402
 
 ATOL = 1e-4
@@ -108,19 +109,19 @@ def test_decoder_steps_from_empty_past_and_caches_hold_real_tokens_only(exported
     for step in range(4):
         assert max_diff(actual.logits, reference.logits) <= ATOL, (arch, step)
         # self-attention cache: exactly the decoder tokens so far; cross-attention cache: the encoder's real tokens
-        assert len(actual.past_key_values) == 2  # decoder layers
-        for layer in actual.past_key_values:
+        assert len(cache_from_output(actual)) == 2  # decoder layers
+        for layer in cache_from_output(actual):
             assert layer[0].shape[2] == layer[1].shape[2] == step + 1
             assert layer[2].shape[2] == layer[3].shape[2] == 7
-        expected = flatten_encoder_decoder_cache(reference.past_key_values)
-        got = [t for layer in actual.past_key_values for t in layer]
+        expected = flatten_encoder_decoder_cache(cache_from_output(reference))
+        got = [t for layer in cache_from_output(actual) for t in layer]
         assert max(max_diff(e, g) for e, g in zip(expected, got)) <= ATOL
         token = torch.randint(3, VOCAB, (3, 1), generator=torch.Generator().manual_seed(step))
         with torch.no_grad():
             reference = model(encoder_outputs=encoder_outputs, attention_mask=inputs["attention_mask"],
-                              decoder_input_ids=token, past_key_values=reference.past_key_values, use_cache=True)
+                              decoder_input_ids=token, **cache_kwargs(cache_from_output(reference)), use_cache=True)
         actual = runtime(encoder_outputs=actual.encoder_last_hidden_state, attention_mask=inputs["attention_mask"],
-                         decoder_input_ids=token, past_key_values=actual.past_key_values)
+                         decoder_input_ids=token, **cache_kwargs(cache_from_output(actual)))
 
 
 @pytest.mark.parametrize("arch", SEQ2SEQ)
@@ -215,7 +216,7 @@ def test_no_cross_attention_prefix_and_no_past_export(tmp_path):
     assert runtime.generate(**inputs, **kwargs).tolist() == expected.tolist()
     first = runtime(**inputs, decoder_input_ids=expected[:, :1])
     with pytest.raises(ValueError, match="without decoder_with_past_model.onnx"):
-        runtime(**inputs, decoder_input_ids=expected[:, 1:2], past_key_values=first.past_key_values)
+        runtime(**inputs, decoder_input_ids=expected[:, 1:2], **cache_kwargs(cache_from_output(first)))
 
 
 def test_multi_adapter_seq2seq_export_selects_prefix_per_row(tmp_path):

@@ -17,6 +17,7 @@ from exporters.onnx import (  # noqa: E402
     export,
     load,
 )
+from ptv2_plugin.cache_names import cache_from_output  # noqa: E402
 from tests.test_export_onnx import ATOL, batch, peft_model  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def test_outputs_are_transformers_classes_and_load_picks_the_class(folders):
     lm = load(folders["llama"][1])
     step = lm(**batch(1, 4))
     assert isinstance(lm, ORTModelForCausalLM) and isinstance(step, CausalLMOutputWithPast)
-    assert len(step.past_key_values) == lm.config.num_hidden_layers
+    assert len(cache_from_output(step)) == lm.config.num_hidden_layers
 
 
 def test_wrong_class_missing_files_and_bad_arguments(folders, tmp_path):

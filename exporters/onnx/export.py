@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptv2_plugin.cache_names import cache_from_output, cache_kwargs
+
 from . import layout as L
 from .fused_attention import FUSED_OP, count_fused, fused_prefix_attention, parse_option, unsupported_reason
 from .tracing import eval_mode, graph_arguments, heads_from_feed, prefix_from_feed, traceable_masks
@@ -382,11 +384,11 @@ class _ExportWrapper(nn.Module):
         if graph.task == "CAUSAL_LM":
             inputs["use_cache"] = graph.with_past
             if graph.with_past:
-                inputs["past_key_values"] = _dynamic_cache(past, self.model.config)
+                inputs.update(cache_kwargs(_dynamic_cache(past, self.model.config)))
         out = self.model(**inputs, return_dict=True)
         flat = [getattr(out, name) for name in graph.outputs if not name.startswith("present.")]
         if graph.with_past:
-            flat.extend(flatten_cache(out.past_key_values))
+            flat.extend(flatten_cache(cache_from_output(out)))
         return tuple(flat)
 
 
@@ -438,7 +440,7 @@ def _kv_shape(model: nn.Module, device: torch.device) -> tuple[int, int]:
     """(kv_heads, head_dim) of the cache, read from one real step so every architecture's own rules apply."""
     with torch.no_grad():
         out = model(input_ids=torch.full((1, 1), 3, device=device), use_cache=True, return_dict=True)
-    first = flatten_cache(out.past_key_values)[0]
+    first = flatten_cache(cache_from_output(out))[0]
     return int(first.shape[1]), int(first.shape[3])
 
 

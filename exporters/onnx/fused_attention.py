@@ -39,6 +39,7 @@ import torch
 
 from ptv2_plugin import PTuningV2Layer
 from ptv2_plugin.attention import PTUNING_V2_ATTENTION, current_prefix, prepend_prefix, uses_attention_interface
+from ptv2_plugin.cache_names import CACHE_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def _fused_or(original):
 
 
 # ------------------------------------------------------------------------- "projection" injection (4.5x)
-_INLINE_EXTRAS = ("head_mask", "encoder_hidden_states", "past_key_values", "past_key_value", "output_attentions")
+_INLINE_EXTRAS = ("head_mask", "encoder_hidden_states", *CACHE_NAMES, "past_key_value", "output_attentions")
 
 
 def _inline_self_attention(module: torch.nn.Module) -> bool:

@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ptv2_plugin.cache_names import cache_kwargs
+
 from . import layout as L
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -211,10 +213,13 @@ class ORTModelForCausalLM(ORTModel):
             self._past_dtype = self.input_dtypes[self.past_names[0]]
         self.generation_config = _generation_config(self.model_dir, self.config)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
-                **kwargs):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                past_key_values=None, **kwargs):
+        """One pass, like the PyTorch model's forward. The cache comes as ``cache`` (transformers >= 5.24) or
+        ``past_key_values`` (earlier releases) and is returned under the name the installed transformers uses."""
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
+        past_key_values = _one_cache(cache, past_key_values)
         feed, keep = self._decoder_feed(input_ids, attention_mask, position_ids, past_key_values, **kwargs)
         out = self._run(feed)
         logits = torch.from_numpy(out["logits"])
@@ -222,7 +227,7 @@ class ORTModelForCausalLM(ORTModel):
         if self.can_use_cache and use_cache is not False:
             flat = [torch.from_numpy(np.asarray(out[name])) for name in self.present_names]
             past = tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
-        return CausalLMOutputWithPast(logits=logits, past_key_values=past)
+        return CausalLMOutputWithPast(logits=logits, **cache_kwargs(past))
 
     def _decoder_feed(self, input_ids, attention_mask, position_ids, past_key_values, **kwargs):
         ids = _to_numpy(input_ids, np.int64)
@@ -354,10 +359,12 @@ class ORTModelForSeq2SeqLM:
         return BaseModelOutput(last_hidden_state=out["last_hidden_state"])
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None,
-                past_key_values=None, use_cache=None, adapter_ids=None, adapter_names=None, **kwargs):
-        """One decoder pass (encoding first unless ``encoder_outputs`` is given), like the PyTorch model's forward."""
+                cache=None, use_cache=None, adapter_ids=None, adapter_names=None, past_key_values=None, **kwargs):
+        """One decoder pass (encoding first unless ``encoder_outputs`` is given), like the PyTorch model's forward.
+        The cache comes as ``cache`` or ``past_key_values``, and is returned under the installed transformers' name."""
         from transformers.modeling_outputs import Seq2SeqLMOutput
 
+        past_key_values = _one_cache(cache, past_key_values)
         adapter = {"adapter_ids": adapter_ids, "adapter_names": adapter_names}
         unknown = [k for k, v in kwargs.items() if v is not None and k not in ("return_dict", "output_attentions",
                                                                                "output_hidden_states")]
@@ -378,7 +385,7 @@ class ORTModelForSeq2SeqLM:
         new_past = None
         if use_cache is not False and (self.can_use_cache or past is None):
             new_past = self._merge_past(out, past, to_torch=True)
-        return Seq2SeqLMOutput(logits=logits, past_key_values=new_past,
+        return Seq2SeqLMOutput(logits=logits, **cache_kwargs(new_past),
                                encoder_last_hidden_state=torch.as_tensor(np.asarray(hidden)))
 
     def _decode_step(self, ids, encoder_mask, hidden, past: list | None, adapter: dict,
@@ -463,6 +470,13 @@ class ORTModelForSeq2SeqLM:
             return torch.from_numpy(np.asarray(out["logits"])[:, -1, :]).float()
 
         return decode(ids, step, settings, generator)
+
+
+def _one_cache(cache, past_key_values):
+    """The cache a runtime call was given under either name; both at once is ambiguous."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the cache once: as cache= or as past_key_values=, not both.")
+    return cache if cache is not None else past_key_values
 
 
 def _flatten_past(past, per_layer: int = 2) -> list | None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ptv2_plugin.architectures import ENCODER_SELF_ATTENTION, attention_location
+from ptv2_plugin.cache_names import cache_from_output, cache_kwargs
 
 from . import layout as L
 from .tracing import PrefixFeed, eval_mode, graph_arguments, prefix_from_feed, prefixed_layers, traceable_masks
@@ -95,9 +96,9 @@ class _DecoderWrapper(nn.Module):
             hidden = cross_key.new_zeros(cross_key.shape[0], cross_key.shape[2], model_dim(self.model.config))
         out = self.model(
             encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=inputs["encoder_attention_mask"],
-            decoder_input_ids=inputs["input_ids"], past_key_values=cache, use_cache=True, return_dict=True,
+            decoder_input_ids=inputs["input_ids"], **cache_kwargs(cache), use_cache=True, return_dict=True,
         )
-        return (out.logits, *flatten_encoder_decoder_cache(out.past_key_values, with_cross=not graph.with_past))
+        return (out.logits, *flatten_encoder_decoder_cache(cache_from_output(out), with_cross=not graph.with_past))
 
 
 def _take_prefix(feed: PrefixFeed, multi: bool, slots: list[int], rest: list[torch.Tensor]) -> None:
@@ -112,7 +113,7 @@ def cache_geometry(model: nn.Module, device: torch.device) -> tuple[int, int]:
     with torch.no_grad():
         ids = torch.full((1, 2), 3, device=device)
         out = model(input_ids=ids, decoder_input_ids=ids[:, :1], use_cache=True, return_dict=True)
-    first = flatten_encoder_decoder_cache(out.past_key_values)[0]
+    first = flatten_encoder_decoder_cache(cache_from_output(out))[0]
     return int(first.shape[1]), int(first.shape[3])
 
 

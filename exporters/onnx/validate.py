@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ptv2_plugin.cache_names import cache_from_output, cache_kwargs
+
 from . import layout as L
 from .export import build_layout, sample_inputs
 
@@ -124,16 +126,16 @@ def _check_decoder(model, ort_model, report: ParityReport, adapter_id, name) -> 
         report.add(f"{tag}logits batch={batch} len={length} (empty past)", reference.logits, actual.logits)
         if not ort_model.can_use_cache:
             continue
-        torch_past, ort_past = reference.past_key_values, actual.past_key_values
+        torch_past, ort_past = cache_from_output(reference), cache_from_output(actual)
         for step in range(DECODE_STEPS):
             token = torch.randint(3, int(model.config.vocab_size), (batch, 1), generator=generator)
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
             position = mask.sum(-1, keepdim=True) - 1
             step_inputs = {"input_ids": token, "attention_mask": mask, "position_ids": position}
-            reference = model(**_device_inputs(model, step_inputs), past_key_values=torch_past, use_cache=True)
-            actual = ort_model(**step_inputs, past_key_values=ort_past, adapter_ids=_ids(adapter_id, batch))
+            reference = model(**_device_inputs(model, step_inputs), **cache_kwargs(torch_past), use_cache=True)
+            actual = ort_model(**step_inputs, **cache_kwargs(ort_past), adapter_ids=_ids(adapter_id, batch))
             report.add(f"{tag}logits batch={batch} len={length} step={step + 1}", reference.logits, actual.logits)
-            torch_past, ort_past = reference.past_key_values, actual.past_key_values
+            torch_past, ort_past = cache_from_output(reference), cache_from_output(actual)
         from .export import flatten_cache
 
         expected = flatten_cache(torch_past)
@@ -164,15 +166,15 @@ def _check_seq2seq(model, ort_model, report: ParityReport, adapter_id, name) -> 
         if not ort_model.can_use_cache:
             continue
         encoder_outputs = (reference.encoder_last_hidden_state,)
-        torch_past, ort_past = reference.past_key_values, actual.past_key_values
+        torch_past, ort_past = cache_from_output(reference), cache_from_output(actual)
         for step in range(DECODE_STEPS):
             token = torch.randint(3, vocab, (batch, 1), generator=generator)
             reference = model(encoder_outputs=encoder_outputs, **_device_inputs(model, {"attention_mask": mask,
-                              "decoder_input_ids": token}), past_key_values=torch_past, use_cache=True)
+                              "decoder_input_ids": token}), **cache_kwargs(torch_past), use_cache=True)
             actual = ort_model(encoder_outputs=actual.encoder_last_hidden_state, attention_mask=mask,
-                               decoder_input_ids=token, past_key_values=ort_past, adapter_ids=_ids(adapter_id, batch))
+                               decoder_input_ids=token, **cache_kwargs(ort_past), adapter_ids=_ids(adapter_id, batch))
             report.add(f"{tag}logits {case} step={step + 1}", reference.logits, actual.logits)
-            torch_past, ort_past = reference.past_key_values, actual.past_key_values
+            torch_past, ort_past = cache_from_output(reference), cache_from_output(actual)
         expected = flatten_encoder_decoder_cache(torch_past)
         got = [t for layer in ort_past for t in layer]
         for kind, index in (("self-attention", 0), ("cross-attention", 2)):
