@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("onnxruntime")
 
 from exporters.cli import main  # noqa: E402
+from tests.child_process import run_python  # noqa: E402
 from tests.test_export_onnx import peft_model  # noqa: E402
 from tests.tiny_models import tiny_model  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +24,10 @@ def saved(tmp_path_factory):
 
 def test_cli_subprocess_exports_validates_and_reports(saved):
     out = saved / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-m", "exporters.cli", "--model", str(saved / "base"), "--adapter", str(saved / "adapter"),
-         "--output", str(out), "--validate"],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "[ptv2-export" in result.stdout and "Tracing" in result.stdout  # progress output
-    assert "Parity report: max abs diff" in result.stdout and "-> OK" in result.stdout
+    output = run_python(module="exporters.cli", timeout=300, args=[
+        "--model", str(saved / "base"), "--adapter", str(saved / "adapter"), "--output", str(out), "--validate"])
+    assert "[ptv2-export" in output and "Tracing" in output  # progress output
+    assert "Parity report: max abs diff" in output and "-> OK" in output
     metadata = json.loads((out / "ptv2_export.json").read_text())
     assert metadata["task"] == "CAUSAL_LM" and metadata["parity"]["ok"]
     assert (out / "model.onnx").is_file() and (out / "config.json").is_file()

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,9 +11,10 @@ from peft import PeftModel, get_peft_model
 
 from ptv2_plugin import PTuningV2Config, PTuningV2Layer
 from ptv2_plugin.architectures import CROSS_ATTENTION, DECODER_SELF_ATTENTION, ENCODER_SELF_ATTENTION
+from ptv2_plugin.transformers_compat import enable_checkpointing
+from tests.child_process import run_python
 from tests.tiny_models import SEQ2SEQ, sample_inputs, tiny_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCATIONS = [ENCODER_SELF_ATTENTION, DECODER_SELF_ATTENTION, CROSS_ATTENTION]
 
 
@@ -123,7 +121,7 @@ def test_generate_with_and_without_cache_agree(arch):
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_trains_every_location(arch, reentrant):
     _, model = make(arch, init_std=0.02)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_checkpointing(model, use_reentrant=reentrant)
     model.train()
     encoder = model.base_model.prefix_encoder()
     before = {name: p.detach().clone() for name, p in encoder.named_parameters()}
@@ -156,8 +154,7 @@ def test_save_and_load_in_a_fresh_process(arch, tmp_path):
             torch.save(model(**sample_inputs({arch!r})).logits, {str(tmp_path / "logits.pt")!r})
         """
     )
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env)
+    run_python(script, timeout=300)
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=0, rtol=0)
     reloaded = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
     assert slots_by_location(reloaded) == slots_by_location(model)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,9 +12,8 @@ from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassificatio
 from safetensors.torch import load_file, save_file
 
 from ptv2_plugin import PTuningV2Config
+from tests.child_process import run_python
 from tests.tiny_models import ARCHITECTURES, ENCODERS, default_task, sample_inputs, tiny_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LOADER = textwrap.dedent(
     """
@@ -68,8 +65,7 @@ def saved_adapters(tmp_path_factory):
         encoder_state = {k: v.detach().clone() for k, v in model.base_model.prefix_encoder().state_dict().items()}
         folders[arch] = str(folder)
         expected[arch] = (logits, encoder_state)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    subprocess.run([sys.executable, "-c", LOADER, json.dumps(folders)], check=True, cwd=ROOT, env=env)
+    run_python(LOADER, args=[json.dumps(folders)], timeout=300)
     return folders, expected
 
 
