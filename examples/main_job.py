@@ -34,6 +34,7 @@ from examples.common import (
 )
 from ptv2_plugin.config import RECOMMENDED_LEARNING_RATE
 from ptv2_plugin.training import RECOMMENDED_HEAD_LEARNING_RATE
+from ptv2_plugin.transformers_compat import checkpointing_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
         bf16=args.bf16,
         fp16=args.fp16,
-        gradient_checkpointing=args.gradient_checkpointing,
+        **checkpointing_arguments(args.gradient_checkpointing),
         dataloader_num_workers=0,
         # torchrun on machines without CUDA: DDP over gloo (with GPUs the Trainer picks NCCL itself).
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,

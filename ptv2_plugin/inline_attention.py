@@ -35,7 +35,7 @@ from .attention import (
     unsupported_backend,
     widen_mask,
 )
-from .cache_names import cache_parameter
+from .transformers_compat import cache_parameter
 
 # Key/value projection names of attention modules whose keys come straight from their projections.
 PROJECTION_NAMES = (("key", "value"), ("key_proj", "value_proj"))

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cache_names import cached_length
+from .transformers_compat import cached_length
 
 # Families with learned absolute position embeddings, and how many positions are reserved (RoBERTa numbers from
 # padding_idx + 1). Rotary and relative models have no hard table limit, so they are not checked.

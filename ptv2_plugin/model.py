@@ -20,6 +20,7 @@ from .layer import BASE_ROW, PTuningV2Layer
 from .persistence import check_adapter_shapes
 from .positions import install_position_shift
 from .prefix_encoder import PrefixEncoder
+from .transformers_compat import checkpointing_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ def _install_checkpointing_input_grads(model: nn.Module):
         if (
             torch.is_grad_enabled()
             and model.training
-            and _checkpointing_enabled(model)
+            and checkpointing_enabled(model)
             and isinstance(output, torch.Tensor)
             and not output.requires_grad
         ):
@@ -285,13 +286,6 @@ def _ddp_safe_checkpointing_kwargs(kwargs: dict | None, reentrant_default: bool)
         "reentrant checkpointing would desynchronise the replicas' shared prefix encoder."
     )
     return {**(kwargs or {}), "use_reentrant": False}
-
-
-def _checkpointing_enabled(model: nn.Module) -> bool:
-    # transformers 5 renamed the flag; reading the old name there emits a deprecation warning on every forward.
-    if hasattr(type(model), "is_activation_checkpointing"):
-        return bool(model.is_activation_checkpointing)
-    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 class _HookGroup:

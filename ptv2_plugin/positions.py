@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cache_names import cached_length
+from .transformers_compat import cached_length
 
 
 def default_position_ids(model: nn.Module, kwargs: dict) -> torch.Tensor:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ if ROOT not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import ptv2_plugin  # noqa: E402,F401  (registers the method)

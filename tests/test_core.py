@@ -9,7 +9,7 @@ import torch
 from peft import get_peft_model
 
 from ptv2_plugin import PTuningV2Config
-from ptv2_plugin.cache_names import cache_from_output, cache_kwargs
+from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs, enable_checkpointing
 from tests.tiny_models import ARCHITECTURES, DECODERS, ENCODERS, default_task, sample_inputs, tiny_model
 
 
@@ -197,7 +197,7 @@ def test_encoder_attention_matches_a_hand_written_reference(arch):
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_trains_the_prefix(arch, reentrant):
     _, model = make(arch, init_std=0.02)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_checkpointing(model, use_reentrant=reentrant)
     model.train()
     encoder = model.base_model.prefix_encoder()
     before = {name: p.detach().clone() for name, p in encoder.named_parameters()}

@@ -8,12 +8,13 @@ prove that DDP broadcast the start state and averaged the gradients of the prefi
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.child_process import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 4
@@ -24,6 +25,7 @@ def _worker(out_dir: Path, checkpointing: str) -> None:
     from transformers import Trainer
 
     import ptv2_plugin  # noqa: F401
+    from ptv2_plugin.transformers_compat import checkpointing_arguments
     from tests.test_trainer import ToyDataset, peft_model, trainable_state, training_args
 
     rank = int(os.environ["RANK"])
@@ -33,8 +35,7 @@ def _worker(out_dir: Path, checkpointing: str) -> None:
         max_steps=MAX_STEPS,
         per_device_train_batch_size=4,
         ddp_backend="gloo",
-        gradient_checkpointing=checkpointing != "off",
-        gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"},
+        **checkpointing_arguments(checkpointing != "off", use_reentrant=checkpointing == "reentrant"),
         ddp_find_unused_parameters=False,
     )
     trainer = Trainer(model=model, args=args, train_dataset=ToyDataset(64))
@@ -46,11 +47,9 @@ def _worker(out_dir: Path, checkpointing: str) -> None:
 
 
 def _launch(tmp_path: Path, checkpointing: str) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(Path(__file__).resolve()), str(tmp_path), checkpointing]
-    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    run_python(module="torch.distributed.run", timeout=300, env=env,
+               args=["--standalone", "--nproc_per_node=2", str(Path(__file__).resolve()), str(tmp_path), checkpointing])
 
 
 def _check_ranks_agree_and_adapter_loads(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from exporters.onnx import (  # noqa: E402
     export,
 )
 from ptv2_plugin import PTuningV2Config  # noqa: E402
-from ptv2_plugin.cache_names import cache_from_output, cache_kwargs  # noqa: E402
+from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs  # noqa: E402
 from tests.tiny_models import ARCHITECTURES, DECODERS, ENCODERS, VOCAB, default_task, tiny_model  # noqa: E402
 
 ATOL = 1e-4

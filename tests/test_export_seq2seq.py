@@ -27,7 +27,7 @@ from exporters.onnx import (  # noqa: E402
 from exporters.onnx.seq2seq import flatten_encoder_decoder_cache, slot_locations  # noqa: E402
 from ptv2_plugin import PTuningV2Config  # noqa: E402
 from ptv2_plugin.architectures import CROSS_ATTENTION, DECODER_SELF_ATTENTION, ENCODER_SELF_ATTENTION  # noqa: E402
-from ptv2_plugin.cache_names import cache_from_output, cache_kwargs  # noqa: E402
+from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs  # noqa: E402
 from tests.tiny_models import SEQ2SEQ, VOCAB, tiny_model  # noqa: E402
 
 ATOL = 1e-4

@@ -17,7 +17,7 @@ from exporters.onnx import (  # noqa: E402
     export,
     load,
 )
-from ptv2_plugin.cache_names import cache_from_output  # noqa: E402
+from ptv2_plugin.transformers_compat import cache_from_output  # noqa: E402
 from tests.test_export_onnx import ATOL, batch, peft_model  # noqa: E402
 
 

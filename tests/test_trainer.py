@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ptv2_plugin import PTuningV2Config
+from ptv2_plugin.transformers_compat import checkpointing_arguments, checkpointing_enabled
 from tests.tiny_models import VOCAB, tiny_model
 
 LENGTH = 8
@@ -102,12 +103,10 @@ def test_gradient_checkpointing_trains_prefix_like_plain_training(tmp_path, arch
     Trainer(model=reference, args=training_args(tmp_path / "plain"), train_dataset=ToyDataset()).train()
 
     model = peft_model(arch)
-    args = training_args(
-        tmp_path / "gc", gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": use_reentrant}
-    )
+    args = training_args(tmp_path / "gc", **checkpointing_arguments(use_reentrant=use_reentrant))
     Trainer(model=model, args=args, train_dataset=ToyDataset()).train()
 
-    assert model.get_base_model().is_gradient_checkpointing
+    assert checkpointing_enabled(model.get_base_model())
     trained = prefix_state(model)
     assert all(not torch.equal(trained[k], initial[k]) for k in initial), "checkpointing froze (part of) the prefix"
     assert_states_equal(trained, prefix_state(reference), atol=1e-5)

@@ -17,7 +17,15 @@ from transformers.utils import generic  # noqa: E402
 
 from exporters.onnx import ORTModelForCausalLM, ORTModelForSeq2SeqLM, export  # noqa: E402
 from ptv2_plugin import PTuningV2Config  # noqa: E402
-from ptv2_plugin.cache_names import CACHE_NAME, LEGACY_CACHE_NAME, cache_from_output, cache_kwargs  # noqa: E402
+from ptv2_plugin.transformers_compat import (  # noqa: E402
+    CACHE_NAME,
+    LEGACY_CACHE_NAME,
+    cache_from_output,
+    cache_kwargs,
+    checkpointing_arguments,
+    checkpointing_enabled,
+    enable_checkpointing,
+)
 from tests.tiny_models import sample_inputs, tiny_model  # noqa: E402
 
 DEPRECATED = r".*(past_key_values|cache_params).*"
@@ -117,3 +125,19 @@ def test_runtime_takes_either_name_but_not_both(tmp_path):
     assert torch.equal(by_new, by_old)
     with pytest.raises(ValueError, match="not both"):
         runtime(**step, cache=first, past_key_values=first)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_training_uses_the_current_names(reentrant):
+    model = _decoder("llama")  # get_peft_model itself is PEFT's code (it reads the old flag): outside the guard
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=FutureWarning)
+        warnings.filterwarnings("error", category=DeprecationWarning)
+        enable_checkpointing(model, use_reentrant=reentrant)
+        assert checkpointing_enabled(model.get_base_model())
+        model.train()
+        inputs = sample_inputs("llama", batch=2, length=4)
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert all(p.grad is not None for p in model.base_model.prefix_encoder().parameters() if p.requires_grad)
+    arguments = checkpointing_arguments(use_reentrant=reentrant)
+    assert list(arguments.values()) == [True, {"use_reentrant": reentrant}]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptv2_plugin.cache_names import cache_from_output, cache_kwargs
+from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 
 from . import layout as L
 from .fused_attention import FUSED_OP, count_fused, fused_prefix_attention, parse_option, unsupported_reason

@@ -39,7 +39,7 @@ import torch
 
 from ptv2_plugin import PTuningV2Layer
 from ptv2_plugin.attention import PTUNING_V2_ATTENTION, current_prefix, prepend_prefix, uses_attention_interface
-from ptv2_plugin.cache_names import CACHE_NAMES
+from ptv2_plugin.transformers_compat import CACHE_NAMES
 
 logger = logging.getLogger(__name__)
 

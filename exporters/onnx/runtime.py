@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ptv2_plugin.cache_names import cache_kwargs
+from ptv2_plugin.transformers_compat import cache_kwargs
 
 from . import layout as L
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ptv2_plugin.architectures import ENCODER_SELF_ATTENTION, attention_location
-from ptv2_plugin.cache_names import cache_from_output, cache_kwargs
+from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 
 from . import layout as L
 from .tracing import PrefixFeed, eval_mode, graph_arguments, prefix_from_feed, prefixed_layers, traceable_masks

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ptv2_plugin.cache_names import cache_from_output, cache_kwargs
+from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 
 from . import layout as L
 from .export import build_layout, sample_inputs
