@@ -1,34 +1,26 @@
 #!/usr/bin/env bash
-# The README's test command. Sets up (or refreshes) two virtual environments and runs the whole suite in each:
-#   .venv        transformers 5.x (primary target) + ruff
-#   .venv-tf457  transformers 4.57 + Optimum's ONNX stack (optimum-onnx needs transformers < 4.58)
-# torch is installed first and pinned to the CPU build that lies on disk, so no resolver pulls a CUDA build.
+# The README's test command (CI runs exactly this): sets up (or refreshes) one virtual environment per lane from its
+# committed lock (scripts/lanes.sh lists them) and runs ruff and the whole suite in each. Arguments go to pytest;
+# PTV2_LANES picks lanes (default: "tf457 tf523 tf5").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+source scripts/lanes.sh
+LANES=${PTV2_LANES:-tf457 tf523 tf5}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
-setup_lane() {  # venv, extras, transformers spec
-  local venv=$1 extras=$2 transformers_spec=$3
-  [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]" "$transformers_spec" "$TORCH_SPEC"
-}
-
 status=0
-run_lane() {  # venv, label
-  local venv=$1 label=$2
-  echo "=== pytest: $label ($("$venv/bin/python" -c 'import transformers; print("transformers", transformers.__version__)'))"
-  "$venv/bin/python" -m pytest -q -p no:cacheprovider "${@:3}" || status=1
+run_lane() {  # lane, pytest arguments...
+  local venv
+  venv=$(venv_of "$1")
+  echo "=== pytest: lane $1 ($("$venv/bin/python" -c 'import torch, transformers, peft
+print(f"transformers {transformers.__version__}, peft {peft.__version__}, torch {torch.__version__}")'))"
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider "${@:2}" || status=1
 }
 
-setup_lane .venv "onnx,dev,examples,bench" "transformers>=5,<6"
-setup_lane .venv-tf457 "onnx,dev,examples,optimum" "transformers>=4.57,<4.58"
+for lane in $LANES; do setup_lane "$lane"; done
 
 echo "=== ruff"
-.venv/bin/python -m ruff check . || status=1
+"$(venv_of "${LANES##* }")/bin/python" -m ruff check . || status=1
 
-run_lane .venv-tf457 "transformers 4.57 lane" "$@"
-run_lane .venv "transformers 5 lane" "$@"
+for lane in $LANES; do run_lane "$lane" "$@"; done
 exit $status

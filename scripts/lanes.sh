@@ -1,0 +1,29 @@
+# Sourced by scripts/test.sh and scripts/main.sh: one virtual environment per lane, installed from its committed lock.
+#   tf5    .venv         constraints/tf5.txt    transformers 5.24.0 (newest; the `cache` argument name)
+#   tf523  .venv-tf523   constraints/tf523.txt  transformers 5.23.0 (last 5.x with `past_key_values`; benchmark lock)
+#   tf457  .venv-tf457   constraints/tf457.txt  transformers 4.57.6 (floor of the declared range) + Optimum's ONNX stack
+# Locks are installed with --no-deps, so nothing outside them is resolved and an upstream release cannot change what
+# runs; `pip check` then proves the lock is complete and consistent. torch comes from TORCH_SPEC (default
+# torch==2.13.0, the CPU build on this project's machines) so that no resolver pulls a multi-GB CUDA build.
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+venv_of() {  # lane -> its virtual environment
+  case $1 in tf5) echo .venv ;; *) echo ".venv-$1" ;; esac
+}
+
+setup_lane() {  # lane
+  local venv lock
+  venv=$(venv_of "$1") lock="constraints/$1.txt"
+  [ -f "$lock" ] || { echo "no lock $lock" >&2; return 1; }
+  [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+  local pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps)
+  "${pip[@]}" "$TORCH_SPEC"
+  "${pip[@]}" -r "$lock"
+  "${pip[@]}" -e .
+  if ! "$venv/bin/python" -m pip check --disable-pip-version-check >/dev/null; then
+    "$venv/bin/python" -m pip check --disable-pip-version-check
+    echo "$lock is incomplete or inconsistent (pip check above); rebuild it with scripts/update-locks.sh" >&2
+    return 1
+  fi
+}
