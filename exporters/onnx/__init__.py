@@ -1,5 +1,7 @@
-"""ONNX export of P-Tuning v2 models (prefix frozen into the graph) and ONNX Runtime models to serve them."""
+"""ONNX export of P-Tuning v2 models (prefix frozen into the graph, or swappable per call as ONNX Runtime adapter
+files) and ONNX Runtime models to serve them."""
 
+from .adapter_export import export_prefix_adapter
 from .export import ExportValidationError, export
 from .layout import (
     DECODER_FILE_NAME,
@@ -9,6 +11,7 @@ from .layout import (
     ONNX_FILE_NAME,
     PREFIX_INITIALIZER,
 )
+from .prefix_adapters import PrefixAdapterMismatch
 from .runtime import (
     ORTModel,
     ORTModelForCausalLM,
@@ -28,6 +31,7 @@ __all__ = [
     "METADATA_FILE_NAME",
     "ONNX_FILE_NAME",
     "PREFIX_INITIALIZER",
+    "PrefixAdapterMismatch",
     "ExportValidationError",
     "ORTModel",
     "ORTModelForCausalLM",
@@ -38,5 +42,6 @@ __all__ = [
     "ORTModelForTokenClassification",
     "create_session",
     "export",
+    "export_prefix_adapter",
     "load",
 ]
