@@ -17,7 +17,8 @@ from . import layout as L
 
 
 def frozen_prefix(peft_model, names: list[str]) -> dict[str, torch.Tensor]:
-    """Initializer name -> tensor; with several adapters each slot stacks them along a new first axis."""
+    """Initializer name -> tensor; with several adapters each slot stacks them along a new first axis, shorter
+    prefixes zero-padded to the longest (``prefix_visibility`` hides the padding)."""
     per_adapter = [peft_model.base_model.prefix_encoder(name).all_key_values() for name in names]
     slots = {len(kv) for kv in per_adapter}
     if len(slots) > 1:
@@ -26,9 +27,20 @@ def frozen_prefix(peft_model, names: list[str]) -> dict[str, torch.Tensor]:
     for slot in range(len(per_adapter[0])):
         for index, kind in enumerate(("key", "value")):
             tensors = [kv[slot][index].detach().to("cpu", torch.float32) for kv in per_adapter]
+            longest = max(t.shape[1] for t in tensors)  # (kv_heads, n, head_dim)
+            tensors = [torch.nn.functional.pad(t, (0, 0, 0, longest - t.shape[1])) for t in tensors]
             tensor = tensors[0] if len(names) == 1 else torch.stack(tensors)
             prefix[L.PREFIX_INITIALIZER.format(slot=slot, kind=kind)] = tensor.contiguous()
     return prefix
+
+
+def prefix_visibility(peft_model, names: list[str]) -> torch.Tensor | None:
+    """(adapters, longest n) bool: which prefix columns are real for each adapter of a multi-adapter graph; None
+    when all prefixes have the same length (then nothing is masked and fused attention stays possible)."""
+    lengths = [peft_model.base_model.prefix_encoder(name).all_key_values()[0][0].shape[1] for name in names]
+    if len(set(lengths)) <= 1:
+        return None
+    return torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
 
 
 def head_wrappers(model: nn.Module) -> dict[str, ModulesToSaveWrapper]:

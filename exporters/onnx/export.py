@@ -35,7 +35,7 @@ from torch import nn
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 
 from . import layout as L
-from .adapter_tensors import base_fingerprint, frozen_prefix, head_tensors
+from .adapter_tensors import base_fingerprint, frozen_prefix, head_tensors, prefix_visibility
 from .fused_attention import FUSED_OP, count_fused, fused_prefix_attention, parse_option, unsupported_reason
 from .tracing import eval_mode, graph_arguments, heads_as_inputs, heads_from_feed, prefix_from_feed, traceable_masks
 
@@ -129,6 +129,9 @@ def export(
         graphs = build_layouts(inner.config, task, with_past)
         prefix = frozen_prefix(peft_model, names)
         heads = head_tensors(peft_model, names[0]) if swappable else {}
+        visible = prefix_visibility(peft_model, names)
+        if visible is not None:
+            say(f"Prefix lengths differ ({visible.sum(-1).tolist()}): padded to {visible.shape[1]}, masked per row")
         say(f"Tracing with torch.onnx (TorchScript exporter, opset {opset})")
         (staging / "trace").mkdir()
         files, fused_layers = {}, 0
@@ -138,13 +141,13 @@ def export(
                 from .seq2seq import part_slots, trace_part
 
                 slots = part_slots(inner, names[0], graph.part)
-                trace_part(inner, graph, prefix, slots, names, multi, traced, opset, torch.device(device))
+                trace_part(inner, graph, prefix, slots, names, multi, traced, opset, torch.device(device), visible)
                 wanted = [L.PREFIX_INITIALIZER.format(slot=s, kind=kind) for s in slots for kind in ("key", "value")]
                 used = {name: prefix[name] for name in wanted}
             else:
                 slots = list(range(len(prefix) // 2))
                 skipped = _trace(inner, graph, prefix, names, multi, traced, opset, torch.device(device), fused,
-                                 heads)
+                                 heads, visible)
                 used = {**prefix, **heads}
             fused_here = _finalize_graph(traced, staging / file_name, used, torch_dtype, overridable=swappable)
             fused_layers += fused_here
@@ -317,9 +320,6 @@ def _resolve_adapters(peft_model, adapter_name: str | None, adapters: Sequence[s
             raise ValueError(f"No adapter named {name!r}; available: {sorted(peft_model.peft_config)}.")
         if str(config.peft_type) != PEFT_TYPE_NAME and getattr(config.peft_type, "value", None) != PEFT_TYPE_NAME:
             raise ValueError(f"Adapter {name!r} is a {config.peft_type} adapter; only P-Tuning v2 can be exported.")
-    lengths = {peft_model.peft_config[n].num_virtual_tokens for n in names}
-    if len(lengths) > 1:
-        raise ValueError(f"Adapters {names} have different num_virtual_tokens {sorted(lengths)}; one graph needs one.")
     return names
 
 
@@ -463,7 +463,7 @@ def _kv_shape(model: nn.Module, device: torch.device) -> tuple[int, int]:
 
 def _trace(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.Tensor], names: list[str], multi: bool,
            path: Path, opset: int, device: torch.device, fused: bool | str = False,
-           heads: dict[str, torch.Tensor] | None = None) -> list[str]:
+           heads: dict[str, torch.Tensor] | None = None, visible: torch.Tensor | None = None) -> list[str]:
     """Trace one graph; returns why layers were not fused (empty when all were, or fusion is off). ``heads``
     (swappable export) are the task head's parameters, traced as inputs after the prefix."""
     heads = heads or {}
@@ -473,7 +473,7 @@ def _trace(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.Tenso
     example = sample_inputs(inner.config, graph, kv_shape=kv_shape, device=device, dtype=dtype, generator=generator)
     args, input_names, dynamic_axes = graph_arguments(example, graph, {**prefix, **heads}, len(names) if multi else 0,
                                                       device)
-    with prefix_from_feed(inner, names) as feed, traceable_masks(), eval_mode(inner), torch.no_grad(), \
+    with prefix_from_feed(inner, names, visible) as feed, traceable_masks(), eval_mode(inner), torch.no_grad(), \
             warnings.catch_warnings(), (heads_from_feed(inner, names, feed) if multi else nullcontext()), \
             (heads_as_inputs(inner, names[0], feed) if heads else nullcontext()), \
             fused_prefix_attention(bool(fused), inner) as fused_trace:
@@ -549,7 +549,8 @@ def _metadata(peft_model, names, multi, task, graphs, files, opset, dtype, devic
         "adapters": names,
         "multi_adapter": multi,
         "adapter_ids_input": L.ADAPTER_IDS_INPUT if multi else None,
-        "num_virtual_tokens": first.num_virtual_tokens,
+        "num_virtual_tokens": max(peft_model.peft_config[n].num_virtual_tokens for n in names),
+        "num_virtual_tokens_per_adapter": {n: peft_model.peft_config[n].num_virtual_tokens for n in names},
         "base_model_name_or_path": first.base_model_name_or_path,
         "dtype": dtype if isinstance(dtype, str) else str(dtype).replace("torch.", ""),
         "opset": opset,

@@ -33,13 +33,15 @@ class PrefixFeed:
         self.keys: Sequence[torch.Tensor] = ()
         self.values: Sequence[torch.Tensor] = ()
         self.adapter_ids: torch.Tensor | None = None
+        self.visible: torch.Tensor | None = None  # (adapters, n): real prefix columns, when lengths differ
         self.heads: dict[str, torch.Tensor] = {}  # prefix_as="adapter_inputs": head parameters, by graph input name
 
     def prefix(self, slot: int) -> ActivePrefix:
         key, value = self.keys[slot], self.values[slot]
         if self.adapter_ids is None:
             return ActivePrefix(key.unsqueeze(0), value.unsqueeze(0))
-        return ActivePrefix(key.index_select(0, self.adapter_ids), value.index_select(0, self.adapter_ids))
+        visible = self.visible.index_select(0, self.adapter_ids) if self.visible is not None else None
+        return ActivePrefix(key.index_select(0, self.adapter_ids), value.index_select(0, self.adapter_ids), visible)
 
 
 def graph_arguments(example: dict[str, torch.Tensor], graph: L.GraphLayout, prefix: dict[str, torch.Tensor],
@@ -64,9 +66,12 @@ def prefixed_layers(model: nn.Module) -> list[PTuningV2Layer]:
 
 
 @contextmanager
-def prefix_from_feed(model: nn.Module, adapters: Sequence[str]) -> Iterator[PrefixFeed]:
-    """Make every prefixed layer take its keys/values from a ``PrefixFeed`` instead of its prefix encoder."""
+def prefix_from_feed(model: nn.Module, adapters: Sequence[str],
+                     visible: torch.Tensor | None = None) -> Iterator[PrefixFeed]:
+    """Make every prefixed layer take its keys/values from a ``PrefixFeed`` instead of its prefix encoder.
+    ``visible`` (adapters, n) masks the padding of shorter prefixes per row (a constant of the graph)."""
     feed = PrefixFeed()
+    feed.visible = visible.to(next(model.parameters()).device) if visible is not None else None
     layers = prefixed_layers(model)
     patched = []
     try:
