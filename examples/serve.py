@@ -182,14 +182,17 @@ class TaskBatcher:
 
 # ----------------------------------------------------------------------------------------------------- service
 class PrefixService:
-    """One ONNX graph, one prefix adapter per task, a tokenizer (optional) and the batcher."""
+    """One ONNX graph, one prefix adapter per task, a tokenizer (optional) and the batcher.
 
-    def __init__(self, model, tasks: dict[str, str | Path], tokenizer=None, limits: Limits | None = None,
+    ``tasks`` maps a task name to its adapter file, or to None for the graph's own prefix (the only task a graph
+    with the prefix baked in as constants can serve)."""
+
+    def __init__(self, model, tasks: dict[str, str | Path | None], tokenizer=None, limits: Limits | None = None,
                  max_batch: int = 32, max_wait_ms: float = 5.0) -> None:
         self.model, self.tokenizer, self.limits = model, tokenizer, limits or Limits()
         self.kind = "generate" if model.task == "CAUSAL_LM" else "classify"
-        for task, path in tasks.items():
-            model.load_prefix_adapter(path, task)
+        self._adapter = {task: None if path is None else model.load_prefix_adapter(path, task)
+                         for task, path in tasks.items()}
         self.tasks = sorted(tasks)
         self.pad_id = _pad_id(model.config, tokenizer)
         self.metrics = Metrics()
@@ -254,8 +257,8 @@ class PrefixService:
     def _run(self, kind: str, task: str, rows: list[list[int]], options: tuple) -> list[Any]:
         ids, mask = pad_rows(rows, self.pad_id, left=kind == "generate")
         if kind == "classify":
-            return self.model(input_ids=ids, attention_mask=mask, adapter=task).logits.tolist()
-        out = self.model.generate(ids, mask, adapter=task, max_new_tokens=options[0])
+            return self.model(input_ids=ids, attention_mask=mask, adapter=self._adapter[task]).logits.tolist()
+        out = self.model.generate(ids, mask, adapter=self._adapter[task], max_new_tokens=options[0])
         return [row[ids.shape[1] :] for row in out.tolist()]
 
     def close(self) -> None:
@@ -361,9 +364,9 @@ class ServiceHTTPServer(ThreadingHTTPServer):
         self.service.close()
 
 
-def build_service(model_dir: str | Path, adapters: dict[str, str | Path], *, tokenizer_dir: str | Path | None = None,
-                  threads: int = 0, limits: Limits | None = None, max_batch: int = 32,
-                  max_wait_ms: float = 5.0) -> PrefixService:
+def build_service(model_dir: str | Path, adapters: dict[str, str | Path | None], *,
+                  tokenizer_dir: str | Path | None = None, threads: int = 0, limits: Limits | None = None,
+                  max_batch: int = 32, max_wait_ms: float = 5.0) -> PrefixService:
     """Load the graph (one session), every task's adapter file and the tokenizer (if the folder has one)."""
     import onnxruntime as ort
 
@@ -386,8 +389,10 @@ def _tokenizer(folder: Path):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", required=True, help="a graph exported with --prefix-as adapter_inputs")
-    parser.add_argument("--adapter", action="append", required=True, metavar="TASK=FILE",
+    parser.add_argument("--adapter", action="append", default=[], metavar="TASK=FILE",
                         help="a task and its .onnx_adapter file (repeatable)")
+    parser.add_argument("--graph-task", metavar="TASK",
+                        help="also serve the graph's own prefix as TASK (a constants graph serves only this)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -395,7 +400,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     args = parser.parse_args(argv)
-    adapters = dict(item.split("=", 1) for item in args.adapter)
+    adapters: dict[str, str | None] = dict(item.split("=", 1) for item in args.adapter)
+    if args.graph_task:
+        adapters[args.graph_task] = None
+    if not adapters:
+        parser.error("name at least one task: --adapter TASK=FILE or --graph-task TASK")
     service = build_service(args.model_dir, adapters, tokenizer_dir=args.tokenizer, threads=args.threads,
                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
     server = ServiceHTTPServer(service, args.host, args.port)

@@ -186,3 +186,16 @@ def test_missed_targets_come_with_their_reasons():
     shapes = [{"batch": 1, "seq": 8, "met_vs_eager": False, "eager_vs_ptv2_ort": 1.2,
                "median_seconds": {"ort:base/sdpa": 1.0, "ort:base/eager": 0.8, "torch:base": 1.2}}]
     assert "only 1.50x faster" in "\n".join(onnx_inference._why_missed({"shapes": shapes}))
+
+
+def test_serving_smoke(tmp_path):
+    from benchmarks import serving
+
+    serving.main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--work-dir", str(tmp_path)])
+    result = _read(tmp_path)
+    rows = {r["config"]: r for r in result["results"]}
+    assert [r["tasks"] for r in result["results"]] == [1, 1, 1, 4, 16]
+    assert rows["constants graph, 1 task"]["vs_constants_graph"] == 1.0
+    assert all(r["requests_per_s"] > 0 and r["latency_ms"]["count"] == 24 for r in rows.values())
+    assert result["target"] == 0.95 and isinstance(result["met"], bool)
+    assert list(tmp_path.iterdir()) and not any(p.name.startswith("tmp") for p in tmp_path.iterdir())
