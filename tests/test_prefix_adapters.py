@@ -56,11 +56,12 @@ def deployed(tmp_path_factory):
     return get
 
 
-def assert_close(reference: torch.Tensor, actual: torch.Tensor, without_prefix: torch.Tensor, what: str) -> None:
+def assert_close(reference: torch.Tensor, actual: torch.Tensor, without_prefix: torch.Tensor, what: str,
+                 atol: float = ATOL) -> None:
     error = (reference - actual).abs().max().item()
     effect = (reference - without_prefix).abs().max().item()
     assert effect > 1e-2, f"{what}: the adapter barely changes the output ({effect:.3g}); the test proves nothing"
-    assert error <= ATOL and error < 0.05 * effect, f"{what}: error {error:.3g} (prefix effect {effect:.3g})"
+    assert error <= atol and error < 0.05 * effect, f"{what}: error {error:.3g} (prefix effect {effect:.3g})"
 
 
 def torch_logits(model, name: str | None, **inputs) -> torch.Tensor:
@@ -179,3 +180,17 @@ def test_cli_writes_an_adapter_file(tmp_path):
     tensors = ort.AdapterFormat.read_adapter(str(out)).get_parameters()
     expected = model.base_model.prefix_encoder("default").all_key_values()[1][0].detach().numpy()
     np.testing.assert_allclose(tensors["ptv2.prefix.1.key"].numpy(), expected, atol=1e-6)
+
+
+def test_float16_graph_takes_float16_adapter_files_only(tmp_path):
+    model = several_adapters("bert", names=("a", "b"))
+    folder = export(model, tmp_path / "graph", adapter_name="a", prefix_as="adapter_inputs", dtype="float16")
+    runtime = load(folder)
+    runtime.load_prefix_adapter(export_prefix_adapter(model, tmp_path / "b.onnx_adapter", adapter_name="b",
+                                                      dtype="float16"))
+    inputs = batch(2, 5, seed=3)
+    expected = torch_logits(model, "b", **inputs)
+    assert_close(expected, runtime(**inputs, adapter="b").logits.float(), torch_logits(model, None, **inputs),
+                 "float16 adapter b", atol=2e-2)
+    with pytest.raises(PrefixAdapterMismatch, match="float32 .* the graph takes float16"):
+        runtime.load_prefix_adapter(export_prefix_adapter(model, tmp_path / "b32.onnx_adapter", adapter_name="b"))
