@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="constants (default): the prefix is baked into the graph. adapter_inputs: prefix and task "
                         "head stay overridable inputs, so one deployed graph serves every adapter file of the same "
                         "base (see --adapter-file).")
+    parser.add_argument("--prefix-capacity", type=int, default=None,
+                        help="With --prefix-as adapter_inputs: room for prefixes of up to this many tokens, so "
+                        "adapters of different lengths share the graph; pass the same value with --adapter-file.")
     parser.add_argument("--adapter-file", default=None,
                         help="Write the adapter as an ONNX Runtime adapter file (e.g. sst2.onnx_adapter, plus a .json "
                         "sidecar naming its base model and geometry) for a graph exported with --prefix-as "
@@ -68,11 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             output = export(
                 args.adapter, args.output, base_model=args.model, task=args.task, opset=args.opset, dtype=args.dtype,
                 with_past=args.with_past, device=args.device, validate=args.validate, atol=args.atol,
-                force=args.force, fused_attention=args.fused_attention, prefix_as=args.prefix_as, progress=progress,
+                force=args.force, fused_attention=args.fused_attention, prefix_as=args.prefix_as,
+                prefix_capacity=args.prefix_capacity, progress=progress,
             )
         if args.adapter_file is not None:
             written = export_prefix_adapter(args.adapter, args.adapter_file, base_model=args.model, task=args.task,
-                                            dtype=args.dtype, force=args.force)
+                                            dtype=args.dtype, prefix_capacity=args.prefix_capacity,
+                                            force=args.force)
             progress(f"Wrote prefix adapter file {written} (+ {written.name}.json)")
     except ExportValidationError as error:
         print(f"ptv2-export: validation failed: {error}", file=sys.stderr)

@@ -194,3 +194,43 @@ def test_float16_graph_takes_float16_adapter_files_only(tmp_path):
                  "float16 adapter b", atol=2e-2)
     with pytest.raises(PrefixAdapterMismatch, match="float32 .* the graph takes float16"):
         runtime.load_prefix_adapter(export_prefix_adapter(model, tmp_path / "b32.onnx_adapter", adapter_name="b"))
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_prefix_capacity_lets_adapters_of_different_lengths_share_a_graph(tmp_path, arch):
+    """A graph with room for 5 prefix tokens serves adapters of 2, 3 and 5 tokens: files padded to 5, the padding
+    masked through ptv2.prefix.length; each matches PyTorch running that adapter."""
+    task = CASES[arch]
+    model = peft_model(arch, task, name="three", n=3)
+    for seed, (name, n) in enumerate((("two", 2), ("five", 5)), start=1):
+        torch.manual_seed(seed)
+        model.add_adapter(name, PTuningV2Config(task_type=task, num_virtual_tokens=n, prefix_init_std=1.0))
+    with torch.no_grad():  # trained-size heads: the tiny classifier's logits are otherwise too small to compare
+        for param_name, param in model.named_parameters():
+            if ".modules_to_save." in param_name:
+                param.add_(torch.randn_like(param))
+    model.eval()
+    folder = export(model, tmp_path / "graph", adapter_name="three", prefix_as="adapter_inputs", prefix_capacity=5)
+    assert json.loads((folder / "ptv2_export.json").read_text())["prefix_capacity"] == 5
+    runtime = load(folder)
+    for name in ("two", "three", "five"):
+        runtime.load_prefix_adapter(export_prefix_adapter(model, tmp_path / f"{name}.onnx_adapter", adapter_name=name,
+                                                          prefix_capacity=5))
+    inputs = batch(2, 6, **({"left_pad": 2} if task == "CAUSAL_LM" else {"right_pad": 2}), seed=7)
+    if task == "CAUSAL_LM":
+        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    without = torch_logits(model, None, **inputs)
+    for name in ("two", "three", "five"):
+        assert_close(torch_logits(model, name, **inputs), runtime(**inputs, adapter=name).logits, without,
+                     f"{arch} {name} in a capacity-5 graph")
+    if task == "CAUSAL_LM":
+        prompt = batch(1, 4, seed=6)
+        model.set_adapter("two")
+        with torch.no_grad():
+            expected = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert runtime.generate(**prompt, max_new_tokens=4, adapter="two").tolist() == expected.tolist()
+    unpadded = export_prefix_adapter(model, tmp_path / "plain.onnx_adapter", adapter_name="two")
+    with pytest.raises(PrefixAdapterMismatch, match="prefix_capacity=5"):
+        runtime.load_prefix_adapter(unpadded)
+    with pytest.raises(ValueError, match="more than the prefix_capacity"):
+        export_prefix_adapter(model, tmp_path / "big.onnx_adapter", adapter_name="five", prefix_capacity=4)

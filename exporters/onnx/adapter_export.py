@@ -24,11 +24,12 @@ from .export import _parse_dtype, _resolve_adapters, _resolve_model, _resolve_ta
 
 def export_prefix_adapter(model: Any, path: str | os.PathLike, *, adapter_name: str | None = None,
                           base_model: Any = None, task: str | None = None, dtype: str = "float32",
-                          force: bool = False) -> Path:
+                          prefix_capacity: int | None = None, force: bool = False) -> Path:
     """Write ``path`` (an ``.onnx_adapter`` file) and ``path + ".json"`` for one adapter of ``model``.
 
     ``model`` is a ``PeftModel`` or a saved adapter folder (then ``base_model`` as in ``export``). ``dtype`` must
-    match the graph's (float32 or float16). Returns ``path``.
+    match the graph's (float32 or float16), ``prefix_capacity`` the graph's (for graphs exported with one: the
+    prefix is padded to it and its real length stored). Returns ``path``.
     """
     import onnxruntime as ort
 
@@ -42,7 +43,8 @@ def export_prefix_adapter(model: Any, path: str | os.PathLike, *, adapter_name: 
         raise NotImplementedError("Prefix adapter files for encoder-decoder (SEQ_2_SEQ_LM) models are not supported "
                                   "yet.")
     (name,) = _resolve_adapters(peft_model, adapter_name, None)
-    tensors = {key: value.to(torch_dtype).numpy() for key, value in adapter_tensors(peft_model, name).items()}
+    tensors = {key: (value if key == L.PREFIX_LENGTH else value.to(torch_dtype)).numpy()
+               for key, value in adapter_tensors(peft_model, name, prefix_capacity).items()}
     fingerprint = base_fingerprint(peft_model)
     config = peft_model.peft_config[name]
     sidecar = {
@@ -53,6 +55,7 @@ def export_prefix_adapter(model: Any, path: str | os.PathLike, *, adapter_name: 
         "base_model_name_or_path": config.base_model_name_or_path,
         "base_fingerprint": fingerprint,
         "num_virtual_tokens": config.num_virtual_tokens,
+        "prefix_capacity": prefix_capacity,
         "dtype": str(torch_dtype).replace("torch.", ""),
         "parameters": {key: {"shape": list(value.shape), "dtype": str(value.dtype)} for key, value in tensors.items()},
     }

@@ -16,9 +16,9 @@ from torch import nn
 from . import layout as L
 
 
-def frozen_prefix(peft_model, names: list[str]) -> dict[str, torch.Tensor]:
+def frozen_prefix(peft_model, names: list[str], capacity: int | None = None) -> dict[str, torch.Tensor]:
     """Initializer name -> tensor; with several adapters each slot stacks them along a new first axis, shorter
-    prefixes zero-padded to the longest (``prefix_visibility`` hides the padding)."""
+    prefixes zero-padded to the longest (``prefix_visibility`` hides the padding), or to ``capacity`` tokens."""
     per_adapter = [peft_model.base_model.prefix_encoder(name).all_key_values() for name in names]
     slots = {len(kv) for kv in per_adapter}
     if len(slots) > 1:
@@ -27,7 +27,7 @@ def frozen_prefix(peft_model, names: list[str]) -> dict[str, torch.Tensor]:
     for slot in range(len(per_adapter[0])):
         for index, kind in enumerate(("key", "value")):
             tensors = [kv[slot][index].detach().to("cpu", torch.float32) for kv in per_adapter]
-            longest = max(t.shape[1] for t in tensors)  # (kv_heads, n, head_dim)
+            longest = max([t.shape[1] for t in tensors] + [capacity or 0])  # (kv_heads, n, head_dim)
             tensors = [torch.nn.functional.pad(t, (0, 0, 0, longest - t.shape[1])) for t in tensors]
             tensor = tensors[0] if len(names) == 1 else torch.stack(tensors)
             prefix[L.PREFIX_INITIALIZER.format(slot=slot, kind=kind)] = tensor.contiguous()
@@ -63,9 +63,24 @@ def head_tensors(peft_model, name: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def adapter_tensors(peft_model, name: str) -> dict[str, torch.Tensor]:
-    """Everything that differs between two adapters on the same base: the prefix, then the task heads."""
-    return {**frozen_prefix(peft_model, [name]), **head_tensors(peft_model, name)}
+def prefix_length(peft_model, name: str) -> int:
+    return int(peft_model.base_model.prefix_encoder(name).all_key_values()[0][0].shape[1])
+
+
+def swappable_extras(peft_model, name: str, capacity: int | None = None) -> dict[str, torch.Tensor]:
+    """The swappable inputs besides the prefix: its real length (graphs with a ``capacity``), then the task heads."""
+    if capacity is not None and capacity < prefix_length(peft_model, name):
+        raise ValueError(f"Adapter {name!r} has {prefix_length(peft_model, name)} virtual tokens, more than the "
+                         f"prefix_capacity {capacity}.")
+    length = {L.PREFIX_LENGTH: torch.tensor([prefix_length(peft_model, name)])} if capacity else {}
+    return {**length, **head_tensors(peft_model, name)}
+
+
+def adapter_tensors(peft_model, name: str, capacity: int | None = None) -> dict[str, torch.Tensor]:
+    """Everything that differs between two adapters on the same base: the prefix (padded to ``capacity``), its
+    length (with a capacity), then the task heads."""
+    extras = swappable_extras(peft_model, name, capacity)
+    return {**frozen_prefix(peft_model, [name], capacity), **extras}
 
 
 def base_fingerprint(peft_model) -> str:

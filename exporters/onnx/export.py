@@ -35,7 +35,7 @@ from torch import nn
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 
 from . import layout as L
-from .adapter_tensors import base_fingerprint, frozen_prefix, head_tensors, prefix_visibility
+from .adapter_tensors import base_fingerprint, frozen_prefix, prefix_visibility, swappable_extras
 from .fused_attention import FUSED_OP, count_fused, fused_prefix_attention, parse_option, unsupported_reason
 from .tracing import eval_mode, graph_arguments, heads_as_inputs, heads_from_feed, prefix_from_feed, traceable_masks
 
@@ -80,6 +80,7 @@ def export(
     force: bool = False,
     fused_attention: bool | str = "auto",
     prefix_as: str = "constants",
+    prefix_capacity: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write ``model.onnx`` (prefix frozen in), ``config.json``, tokenizer files and ``ptv2_export.json``.
@@ -101,7 +102,10 @@ def export(
     ``prefix_as``: ``"constants"`` (default) bakes the prefix in. ``"adapter_inputs"`` keeps the prefix and the task
     head as overridable inputs (initializers that are also graph inputs, defaulting to this adapter), so one deployed
     graph serves every adapter of the same base: write each with ``export_prefix_adapter`` and bind it per call
-    (``ORTModel.load_prefix_adapter``). Single-adapter decoder-only and encoder graphs only.
+    (``ORTModel.load_prefix_adapter``). Single-adapter decoder-only and encoder graphs only. ``prefix_capacity``
+    (with ``"adapter_inputs"``) gives the prefix room for up to that many tokens, so adapters of different lengths
+    share the graph: their files are padded to it (``export_prefix_adapter(..., prefix_capacity=...)``) and a
+    ``ptv2.prefix.length`` input masks the padding (attention then runs as plain ops, not the fused kernel).
     """
     say = progress or logger.info
     output_dir = Path(output_dir)
@@ -113,6 +117,8 @@ def export(
     names = _resolve_adapters(peft_model, adapter_name, adapters)
     multi = adapters is not None
     swappable = _resolve_prefix_as(prefix_as, multi, task)
+    if prefix_capacity is not None and not swappable:
+        raise ValueError("prefix_capacity applies to prefix_as='adapter_inputs' graphs only.")
     if with_past is None:
         with_past = task in GENERATIVE_TASKS
     if with_past and task not in GENERATIVE_TASKS:
@@ -127,8 +133,8 @@ def export(
         work = _working_copy(peft_model, torch.device(device))
         inner = work.base_model.model
         graphs = build_layouts(inner.config, task, with_past)
-        prefix = frozen_prefix(peft_model, names)
-        heads = head_tensors(peft_model, names[0]) if swappable else {}
+        prefix = frozen_prefix(peft_model, names, prefix_capacity)
+        heads = swappable_extras(peft_model, names[0], prefix_capacity) if swappable else {}
         visible = prefix_visibility(peft_model, names)
         if visible is not None:
             say(f"Prefix lengths differ ({visible.sum(-1).tolist()}): padded to {visible.shape[1]}, masked per row")
@@ -167,6 +173,7 @@ def export(
 
         metadata = _metadata(peft_model, names, multi, task, graphs, files, opset, dtype, torch.device(device))
         metadata["prefix_as"] = prefix_as
+        metadata["prefix_capacity"] = prefix_capacity
         metadata["base_fingerprint"] = base_fingerprint(peft_model) if swappable else None
         metadata["fused_attention"] = {"op": f"com.microsoft.{FUSED_OP}", "layers": fused_layers} if fused_layers \
             else None
@@ -394,7 +401,9 @@ class _ExportWrapper(nn.Module):
             self.feed.adapter_ids = rest.pop(0)
         prefix, heads = rest[: 2 * self.num_slots], rest[2 * self.num_slots :]
         self.feed.keys, self.feed.values = prefix[0::2], prefix[1::2]
-        self.feed.heads = dict(zip(self.head_names, heads))
+        extras = dict(zip(self.head_names, heads))
+        self.feed.length = extras.pop(L.PREFIX_LENGTH, None)
+        self.feed.heads = extras
         if self.fused_trace is not None:
             self.fused_trace.attention_mask = inputs.get("attention_mask")
         past = [inputs.pop(name) for name in graph.past_names]

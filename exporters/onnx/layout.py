@@ -23,6 +23,9 @@ ADAPTER_IDS_INPUT = "adapter_ids"
 # prefix_as="adapter_inputs": the adapter's task head (PEFT's modules_to_save) is swappable too, one tensor per
 # parameter, e.g. ptv2.head.classifier.weight.
 HEAD_INITIALIZER = "ptv2.head.{module}.{param}"
+# prefix_capacity: the graph's prefix slots hold up to capacity tokens; this int64 (1,) input says how many are real.
+PREFIX_LENGTH = "ptv2.prefix.length"
+PREFIX_KEY_0 = PREFIX_INITIALIZER.format(slot=0, kind="key")
 PREFIX_AS = ("constants", "adapter_inputs")
 # Prefix adapter files (onnxruntime.AdapterFormat) and the JSON sidecar next to them ("sst2.onnx_adapter.json").
 ADAPTER_FILE_SUFFIX = ".onnx_adapter"

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import layout as L
 
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 
 
 class PrefixAdapterMismatch(ValueError):
@@ -96,6 +96,14 @@ def _check_base(adapter, info: dict, metadata: dict, path: Path) -> None:
 
 def _check_geometry(arrays: dict[str, np.ndarray], expected: dict[str, tuple[tuple, str]], path: Path) -> None:
     missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+    if L.PREFIX_LENGTH in missing:
+        capacity = expected[L.PREFIX_KEY_0][0][-2] if L.PREFIX_KEY_0 in expected else "its"
+        raise PrefixAdapterMismatch(f"{path} was written without a prefix capacity; this graph holds prefixes of up "
+                                    f"to {capacity} tokens: write it with export_prefix_adapter(..., "
+                                    f"prefix_capacity={capacity}) (CLI: --prefix-capacity {capacity}).")
+    if L.PREFIX_LENGTH in extra:
+        raise PrefixAdapterMismatch(f"{path} is padded for a graph with a prefix capacity; this graph has none: "
+                                    "write it without prefix_capacity.")
     if missing or extra:
         raise PrefixAdapterMismatch(f"{path} does not fit this graph: missing tensors {missing}, unknown tensors "
                                     f"{extra} (another architecture, number of prefixed layers or task head).")

@@ -35,11 +35,15 @@ class PrefixFeed:
         self.adapter_ids: torch.Tensor | None = None
         self.visible: torch.Tensor | None = None  # (adapters, n): real prefix columns, when lengths differ
         self.heads: dict[str, torch.Tensor] = {}  # prefix_as="adapter_inputs": head parameters, by graph input name
+        self.length: torch.Tensor | None = None  # prefix_capacity graphs: (1,) number of real prefix tokens
 
     def prefix(self, slot: int) -> ActivePrefix:
         key, value = self.keys[slot], self.values[slot]
         if self.adapter_ids is None:
-            return ActivePrefix(key.unsqueeze(0), value.unsqueeze(0))
+            visible = None
+            if self.length is not None:
+                visible = (torch.arange(key.shape[-2], device=key.device) < self.length)[None]
+            return ActivePrefix(key.unsqueeze(0), value.unsqueeze(0), visible)
         visible = self.visible.index_select(0, self.adapter_ids) if self.visible is not None else None
         return ActivePrefix(key.index_select(0, self.adapter_ids), value.index_select(0, self.adapter_ids), visible)
 
