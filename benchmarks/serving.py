@@ -93,16 +93,10 @@ def run_load(url: str, tasks: list[str], rows: list[list[int]], requests: int, c
 
 def swap_cost(constants: Path, swappable: Path, adapter: Path, threads: int, calls: int) -> list[dict]:
     """Median seconds of one ORT call per shape: constants graph vs adapter graph (own prefix / adapter bound)."""
-    import onnxruntime as ort
+    from exporters.onnx import load, swappable_session_options
 
-    from exporters.onnx import load
-
-    def session_options():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.log_severity_level = threads, 3
-        return options
-
-    fixed, swap = load(constants, session_options=session_options()), load(swappable, session_options=session_options())
+    fixed = load(constants, session_options=swappable_session_options(threads))
+    swap = load(swappable, session_options=swappable_session_options(threads))
     swap.load_prefix_adapter(adapter, "bound")
     rows = []
     for batch in (1, 8):

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.onnx import load
+from exporters.onnx import load, swappable_session_options
 
 _STOP = object()
 
@@ -368,12 +368,7 @@ def build_service(model_dir: str | Path, adapters: dict[str, str | Path | None],
                   tokenizer_dir: str | Path | None = None, threads: int = 0, limits: Limits | None = None,
                   max_batch: int = 32, max_wait_ms: float = 5.0) -> PrefixService:
     """Load the graph (one session), every task's adapter file and the tokenizer (if the folder has one)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3  # swappable graphs warn once per overridable prefix input that it is one
-    model = load(model_dir, session_options=options)
+    model = load(model_dir, session_options=swappable_session_options(threads))
     tokenizer = _tokenizer(Path(tokenizer_dir or model_dir))
     return PrefixService(model, adapters, tokenizer, limits, max_batch, max_wait_ms)
 

@@ -18,6 +18,7 @@ pytest.importorskip("onnxruntime")
 
 from examples.serve import Job, Limits, Metrics, ServiceHTTPServer, TaskBatcher, build_service  # noqa: E402
 from exporters.onnx import export, export_prefix_adapter  # noqa: E402
+from tests.child_process import run_python  # noqa: E402
 from tests.test_prefix_adapters import several_adapters  # noqa: E402
 
 TASKS = ("sst2", "topic", "nli")
@@ -183,3 +184,13 @@ def test_batcher_groups_waiting_requests_by_task():
     assert calls == [("a", [1]), ("a", [10, 11, 40, 41]), ("b", [20, 21, 50, 51]), ("c", [30, 31, 60, 61])]
     batcher.close()
     assert not batcher._thread.is_alive()
+
+
+def test_serving_imports_no_exporter():
+    """The served example loads graphs and adapter files only: the tracer and the exporters stay out of the process
+    (peft imports torch.onnx on its own, so that is not ours to check)."""
+    output = run_python("import sys\nimport examples.serve\n"
+                        "print(sorted(m for m in sys.modules if m.startswith(('exporters.onnx.export', "
+                        "'exporters.onnx.tracing', 'exporters.onnx.adapter_export', 'exporters.onnx.seq2seq'))))",
+                        timeout=120)
+    assert output.strip().splitlines()[-1] == "[]"

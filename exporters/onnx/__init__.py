@@ -1,8 +1,15 @@
 """ONNX export of P-Tuning v2 models (prefix frozen into the graph, or swappable per call as ONNX Runtime adapter
-files) and ONNX Runtime models to serve them."""
+files) and ONNX Runtime models to serve them.
 
-from .adapter_export import export_prefix_adapter
-from .export import ExportValidationError, export
+The export side (``export``, ``export_prefix_adapter``: the tracer, torch.onnx) is imported on first use, so a
+server that only loads graphs and adapter files (``load``, ``ORTModelFor*``) never imports it.
+"""
+
+import sys
+import types
+from importlib import import_module
+from typing import Any
+
 from .layout import (
     DECODER_FILE_NAME,
     DECODER_WITH_PAST_FILE_NAME,
@@ -22,7 +29,26 @@ from .runtime import (
     ORTModelForTokenClassification,
     create_session,
     load,
+    swappable_session_options,
 )
+
+_EXPORT_SIDE = {"export": ".export", "ExportValidationError": ".export", "export_prefix_adapter": ".adapter_export"}
+
+
+class _ExportSideOnDemand(types.ModuleType):
+    """Resolves the export-side names on access. A module-level ``__getattr__`` is not enough: importing the
+    submodule ``exporters.onnx.export`` sets the package attribute ``export`` to that module, which would then shadow
+    the function of the same name."""
+
+    def __getattribute__(self, name: str) -> Any:
+        module = _EXPORT_SIDE.get(name)
+        if module is not None:
+            return getattr(import_module(module, __name__), name)
+        return super().__getattribute__(name)
+
+
+sys.modules[__name__].__class__ = _ExportSideOnDemand
+
 
 __all__ = [
     "DECODER_FILE_NAME",
@@ -31,7 +57,6 @@ __all__ = [
     "METADATA_FILE_NAME",
     "ONNX_FILE_NAME",
     "PREFIX_INITIALIZER",
-    "PrefixAdapterMismatch",
     "ExportValidationError",
     "ORTModel",
     "ORTModelForCausalLM",
@@ -40,8 +65,10 @@ __all__ = [
     "ORTModelForSeq2SeqLM",
     "ORTModelForSequenceClassification",
     "ORTModelForTokenClassification",
+    "PrefixAdapterMismatch",
     "create_session",
     "export",
     "export_prefix_adapter",
     "load",
+    "swappable_session_options",
 ]

@@ -81,7 +81,7 @@ class ORTModel:
         metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
         config = AutoConfig.from_pretrained(str(model_dir))
         if session_options is None and metadata.get("prefix_as") == "adapter_inputs":
-            session_options = _quiet_overridable_options()
+            session_options = swappable_session_options()
         session = create_session(path, provider, session_options=session_options, provider_options=provider_options)
         return cls(session, config, model_dir, metadata, use_io_binding)
 
@@ -180,13 +180,15 @@ class ORTModel:
         return {name: torch.from_numpy(np.asarray(value)) for name, value in self._run(feed, adapter=adapter).items()}
 
 
-def _quiet_overridable_options():
+def swappable_session_options(intra_op_threads: int = 0):
     """Session options for swappable-prefix graphs: ORT warns once per overridable initializer that it will not be
-    constant-folded, which is exactly what makes the prefix swappable; only errors are logged."""
+    constant-folded, which is exactly what makes the prefix swappable, so only errors are logged.
+    ``intra_op_threads`` 0 is ORT's default (one per core)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = intra_op_threads
     return options
 
 
