@@ -134,7 +134,7 @@ def export(
         inner = work.base_model.model
         graphs = build_layouts(inner.config, task, with_past)
         prefix = frozen_prefix(peft_model, names, prefix_capacity)
-        heads = swappable_extras(peft_model, names[0], prefix_capacity) if swappable else {}
+        extras = swappable_extras(peft_model, names[0], prefix_capacity) if swappable else {}  # length, task heads
         visible = prefix_visibility(peft_model, names)
         if visible is not None:
             say(f"Prefix lengths differ ({visible.sum(-1).tolist()}): padded to {visible.shape[1]}, masked per row")
@@ -153,13 +153,13 @@ def export(
             else:
                 slots = list(range(len(prefix) // 2))
                 skipped = _trace(inner, graph, prefix, names, multi, traced, opset, torch.device(device), fused,
-                                 heads, visible)
-                used = {**prefix, **heads}
+                                 extras, visible)
+                used = {**prefix, **extras}
             fused_here = _finalize_graph(traced, staging / file_name, used, torch_dtype, overridable=swappable)
             fused_layers += fused_here
             files[file_name] = slots
             kind = "overridable inputs (defaults: this adapter)" if swappable else "initializers, no prefix inputs"
-            say(f"Wrote {file_name}: prefix{' and task head' if heads else ''} stored as {len(used)} {kind}")
+            say(f"Wrote {file_name}: prefix{' and task head' if extras else ''} stored as {len(used)} {kind}")
             if fused and not graph.part:
                 _check_fused(fused, fused_here, len(slots), skipped, say)
         shutil.rmtree(staging / "trace")
@@ -383,7 +383,7 @@ class _ExportWrapper(nn.Module):
     """Positional graph inputs -> model call -> flat outputs; the prefix arrives as trailing inputs."""
 
     def __init__(self, model: nn.Module, graph: L.GraphLayout, feed, multi: bool, num_slots: int,
-                 fused_trace=None, head_names: Sequence[str] = ()) -> None:
+                 fused_trace=None, extra_names: Sequence[str] = ()) -> None:
         super().__init__()
         self.fused_trace = fused_trace
         self.model = model
@@ -391,7 +391,7 @@ class _ExportWrapper(nn.Module):
         self.feed = feed
         self.multi = multi
         self.num_slots = num_slots
-        self.head_names = list(head_names)
+        self.extra_names = list(extra_names)
 
     def forward(self, *args: torch.Tensor):
         graph = self.graph
@@ -399,9 +399,9 @@ class _ExportWrapper(nn.Module):
         rest = list(args[len(graph.inputs) :])
         if self.multi:
             self.feed.adapter_ids = rest.pop(0)
-        prefix, heads = rest[: 2 * self.num_slots], rest[2 * self.num_slots :]
+        prefix, extra = rest[: 2 * self.num_slots], rest[2 * self.num_slots :]
         self.feed.keys, self.feed.values = prefix[0::2], prefix[1::2]
-        extras = dict(zip(self.head_names, heads))
+        extras = dict(zip(self.extra_names, extra))
         self.feed.length = extras.pop(L.PREFIX_LENGTH, None)
         self.feed.heads = extras
         if self.fused_trace is not None:
@@ -472,23 +472,25 @@ def _kv_shape(model: nn.Module, device: torch.device) -> tuple[int, int]:
 
 def _trace(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.Tensor], names: list[str], multi: bool,
            path: Path, opset: int, device: torch.device, fused: bool | str = False,
-           heads: dict[str, torch.Tensor] | None = None, visible: torch.Tensor | None = None) -> list[str]:
-    """Trace one graph; returns why layers were not fused (empty when all were, or fusion is off). ``heads``
-    (swappable export) are the task head's parameters, traced as inputs after the prefix."""
-    heads = heads or {}
+           extras: dict[str, torch.Tensor] | None = None, visible: torch.Tensor | None = None) -> list[str]:
+    """Trace one graph; returns why layers were not fused (empty when all were, or fusion is off). ``extras``
+    (swappable export) are the prefix length (with a capacity) and the task head's parameters, traced as inputs
+    after the prefix."""
+    extras = extras or {}
+    heads = {name: tensor for name, tensor in extras.items() if name != L.PREFIX_LENGTH}
     dtype = next(inner.parameters()).dtype
     generator = torch.Generator().manual_seed(0)
     kv_shape = _kv_shape(inner, device) if graph.with_past else None
     example = sample_inputs(inner.config, graph, kv_shape=kv_shape, device=device, dtype=dtype, generator=generator)
-    args, input_names, dynamic_axes = graph_arguments(example, graph, {**prefix, **heads}, len(names) if multi else 0,
-                                                      device)
+    args, input_names, dynamic_axes = graph_arguments(example, graph, {**prefix, **extras},
+                                                      len(names) if multi else 0, device)
     with prefix_from_feed(inner, names, visible) as feed, traceable_masks(), eval_mode(inner), torch.no_grad(), \
             warnings.catch_warnings(), (heads_from_feed(inner, names, feed) if multi else nullcontext()), \
             (heads_as_inputs(inner, names[0], feed) if heads else nullcontext()), \
             fused_prefix_attention(bool(fused), inner) as fused_trace:
         # Shape-dependent Python branches the tracer warns about are covered by the parity check across shapes.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        wrapper = _ExportWrapper(inner, graph, feed, multi, len(prefix) // 2, fused_trace, list(heads)).eval()
+        wrapper = _ExportWrapper(inner, graph, feed, multi, len(prefix) // 2, fused_trace, list(extras)).eval()
         torch.onnx.export(
             wrapper, tuple(args), str(path), dynamo=False, opset_version=opset, input_names=input_names,
             output_names=graph.outputs, dynamic_axes=dynamic_axes, do_constant_folding=True,
