@@ -172,14 +172,21 @@ def test_cli_writes_an_adapter_file(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     out = tmp_path / "sst2.onnx_adapter"
     assert cli_main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                     "--output", str(tmp_path / "graph"), "--prefix-as", "adapter_inputs", "--prefix-capacity", "4",
                      "--adapter-file", str(out)]) == 0
     sidecar = json.loads((tmp_path / "sst2.onnx_adapter.json").read_text())
-    assert sidecar["adapter_name"] == "default" and out.is_file()
+    assert sidecar["adapter_name"] == "default" and sidecar["prefix_capacity"] == 4 and out.is_file()
+    runtime = load(tmp_path / "graph")
+    runtime.load_prefix_adapter(out, "sst2")
+    inputs = batch(2, 5, seed=2)
+    assert (runtime(**inputs, adapter="sst2").logits - torch_logits(model, "default", **inputs)).abs().max() <= ATOL
     import onnxruntime as ort
 
     tensors = ort.AdapterFormat.read_adapter(str(out)).get_parameters()
     expected = model.base_model.prefix_encoder("default").all_key_values()[1][0].detach().numpy()
-    np.testing.assert_allclose(tensors["ptv2.prefix.1.key"].numpy(), expected, atol=1e-6)
+    stored = tensors["ptv2.prefix.1.key"].numpy()  # (kv_heads, capacity 4, head_dim): 3 real tokens, then zeros
+    np.testing.assert_allclose(stored[:, :3], expected, atol=1e-6)
+    assert not stored[:, 3:].any() and tensors["ptv2.prefix.length"].numpy().tolist() == [3]
 
 
 def test_float16_graph_takes_float16_adapter_files_only(tmp_path):
