@@ -1,78 +1,74 @@
-"""Saving and loading adapters safely: atomic writes, safetensors only, and shape checks with useful messages.
+"""Saving and loading adapters safely: whole-folder atomic saves, safetensors only, shape checks that explain.
 
 PEFT writes adapter files in place and, when no safetensors file is present, falls back to unpickling. An adapter is
-a production artefact that may come from elsewhere, so for P-Tuning v2 adapters we (1) write every file under a
-temporary name and ``os.replace`` it into place, so a crash leaves the previous files intact; (2) refuse folders
-whose weights exist only as a pickle; (3) check every tensor's shape against the model before loading and say
-which dimension of the base model differs.
+a production artefact that may come from elsewhere, so for P-Tuning v2 adapters we
+(1) save through ``atomic_folder.replace_folder``: the adapter folder (every adapter in it, each non-default one in
+its subfolder) is written beside the destination and swapped in whole, and whatever else the old folder held is
+carried over; see that module for the swap and why;
+(2) refuse local folders whose weights exist only as a pickle, because a pickle can run code when it is read;
+(3) check every tensor's shape against the model before loading and say which dimension of the base model differs.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import logging
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import torch
+from peft import PeftModel
+
+from .atomic_folder import replace_folder, unswappable_reason
+from .config import PTuningV2Config
+
+logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS = "adapter_model.safetensors"
 PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+# Files of one adapter: where a save writes one of them, the old folder's others are not carried over.
+ADAPTER_FILES = ("adapter_config.json", SAFE_WEIGHTS, *PICKLED_WEIGHTS)
 
 
 def _is_ptuning_v2(model) -> bool:
-    from .config import PTuningV2Config
-
     return any(isinstance(config, PTuningV2Config) for config in getattr(model, "peft_config", {}).values())
 
 
-def _replace_tree(source: Path, destination: Path) -> None:
-    """Move every file of ``source`` into ``destination`` with an atomic rename each (same filesystem)."""
-    for root, _, files in os.walk(source):
-        target_root = destination / Path(root).relative_to(source)
-        target_root.mkdir(parents=True, exist_ok=True)
-        for name in files:
-            with open(Path(root) / name, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(Path(root) / name, target_root / name)
-
-
 def atomic_save_pretrained(save_pretrained):
-    """Wrap ``PeftModel.save_pretrained``: P-Tuning v2 adapters are written to a sibling temporary folder first."""
+    """Wrap ``PeftModel.save_pretrained``: a P-Tuning v2 save replaces the folder in one step."""
 
     @functools.wraps(save_pretrained)
     def wrapper(self, save_directory, *args, **kwargs):
-        if not _is_ptuning_v2(self) or os.path.isfile(save_directory):
+        bound = inspect.signature(save_pretrained).bind_partial(self, save_directory, *args, **kwargs)
+        writes = bound.arguments.get("is_main_process", True)  # other DDP ranks write nothing: no swap either
+        if not _is_ptuning_v2(self) or not writes or os.path.isfile(save_directory):
             return save_pretrained(self, save_directory, *args, **kwargs)
-        destination = Path(save_directory)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
-        try:
-            result = save_pretrained(self, str(staging), *args, **kwargs)
-            _replace_tree(staging, destination)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return result
+        reason = unswappable_reason(save_directory)
+        if reason is not None:
+            logger.warning("%s; saving the adapter file by file instead (not atomic). Save into a subfolder.", reason)
+            return save_pretrained(self, save_directory, *args, **kwargs)
+        # README.md is copied first because PEFT updates the model card it finds rather than replacing it.
+        with replace_folder(save_directory, keep_old_entries=True, copy_first=("README.md",),
+                            group=ADAPTER_FILES) as staging:
+            return save_pretrained(self, str(staging), *args, **kwargs)
 
-    wrapper._ptv2_atomic = True
+    wrapper._ptv2_wrapped = True
     return wrapper
 
 
-def install_atomic_save() -> None:
-    """Idempotently route ``PeftModel.save_pretrained`` through ``atomic_save_pretrained`` (ours only)."""
-    from peft import PeftModel
-
-    if not getattr(PeftModel.save_pretrained, "_ptv2_atomic", False):
-        PeftModel.save_pretrained = atomic_save_pretrained(PeftModel.save_pretrained)
+def install_peft_wrappers() -> None:
+    """Idempotently route ``PeftModel.save_pretrained`` through the wrapper above."""
+    for name, wrap in (("save_pretrained", atomic_save_pretrained),):
+        if not getattr(getattr(PeftModel, name), "_ptv2_wrapped", False):
+            setattr(PeftModel, name, wrap(getattr(PeftModel, name)))
 
 
 def refuse_pickled_weights(folder: str | os.PathLike) -> None:
     """Adapters are loaded from safetensors only: a pickle can run code when it is read."""
-    folder = Path(folder)
-    if not folder.is_dir() or (folder / SAFE_WEIGHTS).is_file():
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder) or os.path.isfile(os.path.join(folder, SAFE_WEIGHTS)):
         return
-    pickled = [name for name in PICKLED_WEIGHTS if (folder / name).is_file()]
+    pickled = [name for name in PICKLED_WEIGHTS if os.path.isfile(os.path.join(folder, name))]
     if pickled:
         raise ValueError(
             f"{folder} holds P-Tuning v2 weights only as {pickled[0]} (a pickle, which can execute code when "
