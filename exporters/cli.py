@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExportValidationError as error:
         print(f"ptv2-export: validation failed: {error}", file=sys.stderr)
         return 2
-    except (FileExistsError, FileNotFoundError, ValueError, TypeError, NotImplementedError) as error:
+    except (OSError, ValueError, TypeError, NotImplementedError) as error:  # OSError: file exists, mount point...
         print(f"ptv2-export: error: {error}", file=sys.stderr)
         return 1
     _print_report(output)
