@@ -55,14 +55,19 @@ def atomic_save_pretrained(save_pretrained):
         writes = bound.arguments.get("is_main_process", True)  # other DDP ranks write nothing: no swap either
         if not _is_ptuning_v2(self) or not writes or os.path.isfile(save_directory):
             return save_pretrained(self, save_directory, *args, **kwargs)
+        if bound.arguments.get("safe_serialization") is False:
+            logger.warning("P-Tuning v2 adapters are saved as safetensors (they are loaded from safetensors only); "
+                           "safe_serialization=False is ignored.")
+            bound.arguments["safe_serialization"] = True
         reason = unswappable_reason(save_directory)
         if reason is not None:
             logger.warning("%s; saving the adapter file by file instead (not atomic). Save into a subfolder.", reason)
-            return save_pretrained(self, save_directory, *args, **kwargs)
+            return save_pretrained(*bound.args, **bound.kwargs)
         # README.md is copied first because PEFT updates the model card it finds rather than replacing it.
         with replace_folder(save_directory, keep_old_entries=True, copy_first=("README.md",),
                             group=ADAPTER_FILES) as staging:
-            return save_pretrained(self, str(staging), *args, **kwargs)
+            bound.arguments["save_directory"] = str(staging)
+            return save_pretrained(*bound.args, **bound.kwargs)
 
     wrapper._ptv2_wrapped = True
     return wrapper

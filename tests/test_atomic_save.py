@@ -273,3 +273,16 @@ def test_non_main_process_and_mount_point_are_not_swapped(tmp_path, two_models, 
     with caplog.at_level(logging.WARNING, logger="ptv2_plugin.persistence"):
         new.save_pretrained(folder)
     assert "is a mount point" in caplog.text and prefix_length(folder) == 5
+
+
+def test_adapters_are_saved_as_safetensors_even_when_asked_for_a_pickle(tmp_path, two_models, caplog):
+    """Loading accepts safetensors only, so a pickle would be a file nobody may load (e.g. the Trainer's best
+    checkpoint with save_safetensors=False)."""
+    old, _ = two_models
+    with caplog.at_level(logging.WARNING, logger="ptv2_plugin.persistence"):
+        old.save_pretrained(tmp_path / "adapter", safe_serialization=False)
+    assert "safe_serialization=False is ignored" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors"]
+    model = PeftModel.from_pretrained(tiny_model("bert"), tmp_path / "adapter")
+    assert model.base_model.prefix_encoder().embedding.weight.shape == (3, 32)
