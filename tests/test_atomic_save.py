@@ -74,13 +74,18 @@ def kill_mid_save(tmp_path, mode: str):
     return tmp_path / "base", adapter, first
 
 
-def test_killed_save_leaves_the_old_adapter_intact(tmp_path):
+def test_killed_save_leaves_the_old_adapter_intact_and_the_next_save_cleans_up(tmp_path):
     base, adapter, first = kill_mid_save(tmp_path, "atomic")
     assert load_file(adapter / "adapter_model.safetensors").keys() == first.keys()
     for key, value in load_file(adapter / "adapter_model.safetensors").items():
         assert torch.equal(value, first[key])
     model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), adapter)
     assert model.base_model.prefix_encoder().embedding.weight.shape == (3, 32)
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".adapter."))
+    assert len(leftovers) == 2 and leftovers[0].startswith(".adapter.ptv2-lock")  # the kill left them behind
+    assert leftovers[1].startswith(".adapter.ptv2-new-")
+    model.save_pretrained(adapter)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
 
 
 def test_without_atomic_writes_the_same_kill_corrupts_the_adapter(tmp_path):
