@@ -1,12 +1,12 @@
-"""Kill a writer at its k-th file-system step, for every k, and drive such a child process from a test safely.
+"""Kill a writer at its k-th file-system step, for every k (fault injection).
 
 Child side: ``drive(prepare, write)`` runs, for k = 1, 2, ...: ``prepare()`` (the old state), then a forked writer
 that runs ``write()`` with ``kill_at_step(k)`` in force, so its k-th file-system call SIGKILLs it before the call
 runs. The fork spares each k the seconds of importing torch and transformers. After each writer the driver prints
-``result <k> <exit code>`` and waits for the parent's ``go`` (the parent inspects the folder in between). It stops
-after the first writer that completes.
+``result <k> <exit status>`` and ``inspect``, then waits for the parent's ``go`` (the parent looks at the folder in
+between). It stops after the first writer that completes.
 
-Parent side: ``Child`` reads the child's output with a deadline on every read and writes handshake lines.
+Parent side: ``next_result`` reads that through ``tests.child_process`` (deadlines, exit status checked).
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import builtins
 import io
 import itertools
 import os
-import queue
 import signal
-import subprocess
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Iterable
 
 from ptv2_plugin import atomic_folder
+from tests.child_process import GO, ChildProcess
+
+INSPECT = "inspect"
 
 # Every call that creates, writes, renames, links, syncs or deletes something, as the code under test reaches it.
 OS_STEPS = ("mkdir", "rename", "replace", "link", "symlink", "unlink", "remove", "rmdir", "fsync")
@@ -87,60 +87,21 @@ def drive(prepare: Callable[[], None], write: Callable[[], None], extra: Iterabl
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        print(f"result {k} {code}", flush=True)
-        if sys.stdin.readline().strip() != "go":
+        print(f"result {k} {code}\n{INSPECT}", flush=True)
+        if sys.stdin.readline().strip() != GO:
             raise SystemExit("the parent did not say go")
         if code != -signal.SIGKILL:
             return
     raise SystemExit(f"the writer still had steps left after {max_steps}")
 
 
-class Child:
-    """A Python child process: output read line by line with deadlines, handshake lines written to its stdin."""
+def next_result(child: ChildProcess) -> tuple[int, int]:
+    """Parent side: (k, exit status of the writer killed at step k) once the driver waits for inspection."""
+    lines = child.read_until(INSPECT)
+    _, k, code = lines[-2].split()
+    return int(k), int(code)
 
-    def __init__(self, code: str, *args: str, cwd: str, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env,
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
 
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def expect(self, prefix: str, timeout: float) -> str:
-        """The next output line starting with ``prefix``; AssertionError if none arrives within ``timeout`` s."""
-        try:
-            while True:
-                line = self._queue.get(timeout=timeout)
-                if line is None:
-                    raise AssertionError(f"the child ended before printing {prefix!r}:\n" + self.output())
-                self.lines.append(line)
-                if line.startswith(prefix):
-                    return line
-        except queue.Empty:
-            raise AssertionError(f"no {prefix!r} from the child within {timeout} s:\n" + self.output()) from None
-
-    def send(self, line: str) -> None:
-        self.process.stdin.write(line + "\n")
-        self.process.stdin.flush()
-
-    def finish(self, timeout: float) -> int:
-        """Wait for the child to exit (at most ``timeout`` s) and return its exit status."""
-        self.process.stdin.close()
-        return self.process.wait(timeout=timeout)
-
-    def output(self) -> str:
-        return "\n".join(self.lines[-60:])
-
-    def __enter__(self) -> Child:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=30)
+def killed_steps(child: ChildProcess) -> list[str]:
+    """The calls the writers were killed at, in order (``open(path)``, ``exchange(path)``, ...)."""
+    return [line.split(": ", 1)[1] for line in child.output if line.startswith("killed at step")]

@@ -16,14 +16,14 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.fault_injection import Child
+from tests.child_process import GO, start_python
+from tests.fault_injection import killed_steps, next_result
 
 pytest.importorskip("onnxruntime")
 
 from exporters.onnx import ORTModelForSequenceClassification  # noqa: E402
 
-ROOT = str(Path(__file__).resolve().parents[1])
-ENV = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 STALLED_EXPORTER = textwrap.dedent(
     """
@@ -63,14 +63,17 @@ def run_logits(folder) -> np.ndarray:
 
 def test_killed_export_leaves_the_previous_export(tmp_path):
     output = tmp_path / "onnx"
-    with Child(STALLED_EXPORTER, str(output), cwd=ROOT, env=ENV) as child:
-        child.expect("first export done", timeout=180)
+    child = start_python(STALLED_EXPORTER, args=[str(output)], timeout=300, env=ENV)
+    try:
+        child.read_until("first export done")
         before = sorted(p.name for p in output.iterdir())
         first = run_logits(output)
-        child.send("go")
-        child.expect("writing", timeout=120)
-        child.process.send_signal(signal.SIGKILL)
-        assert child.finish(timeout=30) == -signal.SIGKILL
+        child.send(GO)  # only now may the child start the second export
+        child.read_until("writing")
+    except BaseException:
+        child.kill()
+        raise
+    assert child.kill() == -signal.SIGKILL  # our kill ended it, mid-write
     assert sorted(p.name for p in output.iterdir()) == before
     np.testing.assert_array_equal(run_logits(output), first)
 
@@ -122,26 +125,29 @@ def snapshot(folder: Path) -> tuple[list[str], dict, np.ndarray]:
 
 def test_export_killed_at_every_step_leaves_the_old_or_the_new_export_whole(tmp_path):
     target = tmp_path / "work" / "onnx"
-    with Child(FAULT_DRIVER, str(tmp_path), cwd=ROOT, env=ENV) as child:
-        child.expect("refs ready", timeout=180)
+    child = start_python(FAULT_DRIVER, args=[str(tmp_path)], timeout=300, env=ENV)
+    try:
+        child.read_until("refs ready")
         states = {"old": snapshot(tmp_path / "ref-old"), "new": snapshot(tmp_path / "ref-new")}
         assert states["old"][1]["num_virtual_tokens"] == 3 and states["new"][1]["num_virtual_tokens"] == 5
-        child.send("go")
+        child.send(GO)
         seen, kills = [], []
         while True:
-            k, code = map(int, child.expect("result ", timeout=120).split()[1:])
+            k, code = next_result(child)
             names, metadata, logits = snapshot(target)
             state = "old" if metadata["num_virtual_tokens"] == 3 else "new"
             assert names == states[state][0] and metadata == states[state][1], f"killed at step {k}"
             np.testing.assert_array_equal(logits, states[state][2])
             seen.append(state)
-            child.send("go")
+            child.send(GO)
             if code == 0:
                 break
-            assert code == -signal.SIGKILL, child.output()
+            assert code == -signal.SIGKILL, "\n".join(child.output[-40:])
             kills.append(k)
-        assert child.finish(timeout=60) == 0
-    steps = [line.split(": ", 1)[1] for line in child.lines if line.startswith("killed at step")]
+        child.finish()
+    finally:
+        child.kill()
+    steps = killed_steps(child)
     assert len(steps) == len(kills) == k - 1 and kills == list(range(1, k))
     assert any(step.startswith("exchange(") for step in steps), steps
     assert any(step.startswith("open(") and "model.onnx" in step for step in steps), steps

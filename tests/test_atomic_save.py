@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from ptv2_plugin import PTuningV2Config, atomic_folder
-from tests.fault_injection import Child
+from tests.child_process import GO, start_python
+from tests.fault_injection import killed_steps, next_result
 from tests.tiny_models import tiny_model
 
-ROOT = str(Path(__file__).resolve().parents[1])
-ENV = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 STALLED_WRITER = textwrap.dedent(
     """
@@ -64,13 +64,16 @@ STALLED_WRITER = textwrap.dedent(
 def kill_mid_save(tmp_path, mode: str):
     tiny_model("bert").save_pretrained(tmp_path / "base")
     adapter = tmp_path / "adapter"
-    with Child(STALLED_WRITER, str(tmp_path / "base"), str(adapter), mode, cwd=ROOT, env=ENV) as child:
-        child.expect("first save done", timeout=180)
+    child = start_python(STALLED_WRITER, args=[str(tmp_path / "base"), str(adapter), mode], timeout=300, env=ENV)
+    try:
+        child.read_until("first save done")
         first = {k: v.clone() for k, v in load_file(adapter / "adapter_model.safetensors").items()}
-        child.send("go")
-        child.expect("writing", timeout=120)
-        child.process.send_signal(signal.SIGKILL)
-        assert child.finish(timeout=30) == -signal.SIGKILL
+        child.send(GO)  # only now may the child overwrite what we just read
+        child.read_until("writing")
+    except BaseException:
+        child.kill()
+        raise
+    assert child.kill() == -signal.SIGKILL  # our kill ended it, mid-write
     return tmp_path / "base", adapter, first
 
 
@@ -147,26 +150,29 @@ def loaded_lengths(base: Path, folder: Path) -> tuple[int, int]:
 def test_save_killed_at_every_step_leaves_the_old_or_the_new_adapters_whole(tmp_path):
     tiny_model("bert").save_pretrained(tmp_path / "base")
     target = tmp_path / "work" / "adapter"
-    with Child(FAULT_DRIVER, str(tmp_path), cwd=ROOT, env=ENV) as child:
-        child.expect("refs ready", timeout=180)
+    child = start_python(FAULT_DRIVER, args=[str(tmp_path)], timeout=300, env=ENV)
+    try:
+        child.read_until("refs ready")
         notes = {"notes.txt": b"a user's file"}
         states = {"old": {**tree(tmp_path / "ref-old"), **notes}, "new": {**tree(tmp_path / "ref-new"), **notes}}
-        child.send("go")
+        child.send(GO)
         seen, kills = [], []
         while True:
-            k, code = map(int, child.expect("result ", timeout=120).split()[1:])
+            k, code = next_result(child)
             found = tree(target)
             state = next((name for name, files in states.items() if files == found), None)
             assert state is not None, f"killed at step {k}: the folder is neither adapter: {sorted(found)}"
             assert loaded_lengths(tmp_path / "base", target) == {"old": (3, 4), "new": (5, 6)}[state]
             seen.append(state)
-            child.send("go")
+            child.send(GO)
             if code == 0:
                 break
-            assert code == -signal.SIGKILL, child.output()
+            assert code == -signal.SIGKILL, "\n".join(child.output[-40:])
             kills.append(k)
-        assert child.finish(timeout=60) == 0
-    steps = [line.split(": ", 1)[1] for line in child.lines if line.startswith("killed at step")]
+        child.finish()
+    finally:
+        child.kill()
+    steps = killed_steps(child)
     assert len(steps) == len(kills) == k - 1 and kills == list(range(1, k))
     assert any(step.startswith("exchange(") for step in steps), steps  # the swap itself was a kill point
     assert any(step.startswith("safe_save_file(") for step in steps), steps
