@@ -1,6 +1,6 @@
 """ONNX export of P-Tuning v2 models (prefix frozen into the graph) and ONNX Runtime models to serve them."""
 
-from .export import ExportValidationError, export
+from .export import ExportValidationError, check_output_dir, default_atol, export
 from .layout import (
     DECODER_FILE_NAME,
     DECODER_WITH_PAST_FILE_NAME,
@@ -8,6 +8,7 @@ from .layout import (
     METADATA_FILE_NAME,
     ONNX_FILE_NAME,
     PREFIX_INITIALIZER,
+    VALIDATION_REPORT_FILE_NAME,
 )
 from .runtime import (
     ORTModel,
@@ -28,6 +29,7 @@ __all__ = [
     "METADATA_FILE_NAME",
     "ONNX_FILE_NAME",
     "PREFIX_INITIALIZER",
+    "VALIDATION_REPORT_FILE_NAME",
     "ExportValidationError",
     "ORTModel",
     "ORTModelForCausalLM",
@@ -36,7 +38,9 @@ __all__ = [
     "ORTModelForSeq2SeqLM",
     "ORTModelForSequenceClassification",
     "ORTModelForTokenClassification",
+    "check_output_dir",
     "create_session",
+    "default_atol",
     "export",
     "load",
 ]
