@@ -21,7 +21,8 @@ class ExportOnnxCallback(TrainerCallback):
 
     The Trainer calls ``on_train_end`` after ``load_best_model_at_end`` restored the best checkpoint, so the export is
     the best adapter. The exporter's own parity check runs on synthetic shapes; this callback adds a check on up to
-    ``validation_batches`` real evaluation batches and fails the run if the two runtimes disagree beyond ``atol``.
+    ``validation_batches`` real evaluation batches and fails the run if the two runtimes disagree beyond the
+    exporter's tolerance (``atol`` overrides its absolute part).
     Only the main process exports. ``exporters`` (and onnx/onnxruntime) are imported here, not by ``ptv2_plugin``.
     ``progress`` receives the exporter's stage messages (default: this module's logger).
     """
@@ -84,11 +85,12 @@ class ExportOnnxCallback(TrainerCallback):
     def _check_real_batches(self, model, dataloader) -> dict[str, Any]:
         """PyTorch vs ONNX Runtime on real evaluation batches: max |difference| and argmax agreement."""
         from exporters.onnx import load
+        from exporters.onnx.tolerances import CPU, resolve_tolerance
 
         ort_model = load(self.export_dir)
-        atol = self.atol if self.atol is not None else (1e-4 if self.dtype in ("float32", "fp32") else 2e-2)
+        tolerance = resolve_tolerance(self.dtype, CPU, atol=self.atol)
         device = next(model.parameters()).device
-        max_diff, agree, total = 0.0, 0, 0
+        max_diff, agree, total, failed = 0.0, 0, 0, False
         for index, batch in enumerate(dataloader):
             if index >= self.validation_batches:
                 break
@@ -96,13 +98,16 @@ class ExportOnnxCallback(TrainerCallback):
             with torch.no_grad():
                 reference = model(**{k: v.to(device) for k, v in inputs.items()}).logits.float().cpu()
             actual = ort_model(**{k: v.cpu() for k, v in inputs.items()}).logits.float().cpu()
-            max_diff = max(max_diff, (reference - actual).abs().max().item())
+            diff = (reference - actual).abs().max().item()
+            failed |= not tolerance.allows(diff, reference.abs().max().item())
+            max_diff = max(max_diff, diff)
             agree += (reference.argmax(-1) == actual.argmax(-1)).sum().item()
             total += reference.argmax(-1).numel()
-        report = {"max_abs_diff": max_diff, "argmax_agreement": agree / max(total, 1), "atol": atol}
-        if max_diff > atol:
+        report = {"max_abs_diff": max_diff, "argmax_agreement": agree / max(total, 1), "atol": tolerance.atol,
+                  "rtol": tolerance.rtol}
+        if failed:
             raise RuntimeError(
-                f"ONNX export at {self.export_dir} differs from PyTorch by {max_diff:.3g} > atol {atol:g} on real "
-                "evaluation batches."
+                f"ONNX export at {self.export_dir} differs from PyTorch by {max_diff:.3g}, beyond "
+                f"{tolerance.describe()}, on real evaluation batches."
             )
         return report

@@ -16,6 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from exporters.onnx import ORTModelForCausalLM, ORTModelForSequenceClassification, export  # noqa: E402
 from exporters.onnx.validate import check_parity  # noqa: E402
+from tests.parity import assert_parity  # noqa: E402
 from tests.test_export_onnx import batch, peft_model  # noqa: E402
 
 CUDA = "CUDAExecutionProvider"
@@ -52,8 +53,8 @@ def cuda():
         pytest.skip(reason)
 
 
-@pytest.mark.parametrize("dtype,atol", [("float32", 1e-4), ("float16", 2e-2)])
-def test_encoder_on_cuda(cuda, tmp_path, dtype, atol):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_encoder_on_cuda(cuda, tmp_path, dtype):
     model = peft_model("bert")
     folder = export(model, tmp_path / dtype, dtype=dtype)  # traced on CPU; the graph itself is device-agnostic
     runtime = ORTModelForSequenceClassification.from_pretrained(folder, provider=CUDA)
@@ -61,16 +62,16 @@ def test_encoder_on_cuda(cuda, tmp_path, dtype, atol):
     inputs = batch(3, 7, right_pad=3)
     with torch.no_grad():
         expected = model(**inputs).logits
-    assert (runtime(**inputs).logits.float() - expected).abs().max().item() <= atol
-    assert check_parity(model, folder, provider=CUDA, atol=atol).ok
+    assert_parity(runtime(**inputs).logits, expected, dtype=dtype, provider=CUDA)
+    assert check_parity(model, folder, provider=CUDA).ok
 
 
-@pytest.mark.parametrize("dtype,atol", [("float32", 1e-4), ("float16", 2e-2)])
-def test_decoder_on_cuda_keeps_the_cache_on_device(cuda, tmp_path, dtype, atol):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_decoder_on_cuda_keeps_the_cache_on_device(cuda, tmp_path, dtype):
     model = peft_model("llama")
     folder = export(model, tmp_path / dtype, dtype=dtype)
     runtime = ORTModelForCausalLM.from_pretrained(folder, provider=CUDA)
-    report = check_parity(model, folder, provider=CUDA, atol=atol)
+    report = check_parity(model, folder, provider=CUDA)
     assert report.ok, report.lines()
     inputs = batch(2, 5, left_pad=2, seed=3)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)

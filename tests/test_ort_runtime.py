@@ -18,7 +18,8 @@ from exporters.onnx import (  # noqa: E402
     load,
 )
 from ptv2_plugin.transformers_compat import cache_from_output  # noqa: E402
-from tests.test_export_onnx import ATOL, batch, peft_model  # noqa: E402
+from tests.parity import assert_parity  # noqa: E402
+from tests.test_export_onnx import batch, peft_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_optimum_loads_the_sequence_classification_export(folders):
     inputs = batch(3, 6, right_pad=2)
     with torch.no_grad():
         expected = model(**inputs).logits
-    assert (runtime(**inputs).logits - expected).abs().max().item() <= ATOL
+    assert_parity(runtime(**inputs).logits, expected)
 
 
 def test_optimum_loads_the_causal_lm_export_and_generates_the_same_tokens(folders):
@@ -128,7 +129,7 @@ def test_optimum_loads_the_causal_lm_export_and_generates_the_same_tokens(folder
         positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         reference = model(**inputs, position_ids=positions).logits
     assert runtime.generate(**inputs, **kwargs).tolist() == expected.tolist()
-    assert (runtime(**inputs, position_ids=positions).logits - reference).abs().max().item() <= ATOL
+    assert_parity(runtime(**inputs, position_ids=positions).logits, reference)
 
 
 def test_io_binding_path_gives_the_same_tokens(folders):

@@ -36,12 +36,12 @@ from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 
 from . import layout as L
 from .fused_attention import FUSED_OP, count_fused, fused_prefix_attention, parse_option, unsupported_reason
+from .tolerances import CPU, CUDA, resolve_tolerance
 from .tracing import eval_mode, graph_arguments, heads_from_feed, prefix_from_feed, traceable_masks
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
-DEFAULT_ATOL = {torch.float32: 1e-4, torch.float16: 2e-2}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
     "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "chat_template.jinja",
@@ -76,6 +76,8 @@ def export(
     adapters: Sequence[str] | None = None,
     validate: bool = True,
     atol: float | None = None,
+    rtol: float | None = None,
+    tf32: bool = False,
     force: bool = False,
     fused_attention: bool | str = "auto",
     progress: Callable[[str], None] | None = None,
@@ -89,6 +91,9 @@ def export(
     the base model or its path; default: the adapter config's ``base_model_name_or_path``). ``adapters`` exports
     several adapters into one graph with an ``adapter_ids`` input selecting each row's prefix. The folder appears
     atomically, only after the export (and, with ``validate``, the parity check) succeeded.
+
+    Validation passes when every output satisfies ``max|ort - torch| <= atol + rtol * max|torch|``; ``atol`` and
+    ``rtol`` default per dtype and provider (``tolerances.py``). On CUDA it runs with TF32 off unless ``tf32=True``.
 
     ``fused_attention``: encoder graphs run each prefixed self-attention layer as ONNX Runtime's fused
     ``com.microsoft.MultiHeadAttention`` (prefix in front of its keys/values), which ORT's own optimizer cannot
@@ -159,18 +164,19 @@ def export(
         if validate:
             from .validate import check_parity
 
-            provider = "CUDAExecutionProvider" if torch.device(device).type == "cuda" else "CPUExecutionProvider"
-            tolerance = atol if atol is not None else DEFAULT_ATOL[torch_dtype]
-            say(f"Validating against PyTorch on {provider} (atol {tolerance:g})")
+            provider = CUDA if torch.device(device).type == "cuda" else CPU
+            tolerance = resolve_tolerance(torch_dtype, provider, atol=atol, rtol=rtol, tf32=tf32)
+            say(f"Validating against PyTorch on {provider} ({tolerance.describe()}{', TF32 on' if tf32 else ''})")
             with eval_mode(work):
-                report = check_parity(work, staging, names if multi else None, provider=provider, atol=tolerance)
+                report = check_parity(work, staging, names if multi else None, provider=provider,
+                                      tolerance=tolerance, tf32=tf32)
             metadata["parity"] = report.as_dict()
             for line in report.lines():
                 say(line)
             if not report.ok:
                 raise ExportValidationError(
-                    f"ONNX Runtime output differs from PyTorch by {report.max_abs_diff:.3g} > atol {tolerance:g} "
-                    f"(worst case: {report.worst}). The export was discarded."
+                    f"ONNX Runtime output differs from PyTorch beyond {tolerance.describe()}: {report.worst_detail()}. "
+                    "The export was discarded."
                 )
             metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
         _move_into_place(staging, output_dir, force)

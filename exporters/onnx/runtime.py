@@ -25,6 +25,12 @@ _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "te
                  "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
+def cuda_provider_options(*, tf32: bool = False, device_id: int = 0) -> dict[str, str]:
+    """CUDA provider options for exact float32: ORT enables TF32 MatMuls by default, and their rounding alone can move
+    float32 outputs past a float32 parity tolerance. Serving may opt in with ``tf32=True`` for speed."""
+    return {"device_id": str(int(device_id)), "use_tf32": "1" if tf32 else "0"}
+
+
 def create_session(path: str | Path, provider: str = "CPUExecutionProvider", *, session_options=None,
                    provider_options: Mapping[str, Any] | None = None):
     """An InferenceSession that really runs on ``provider``: ORT's silent fallback to CPU is turned into an error."""
