@@ -35,12 +35,14 @@ from torch import nn
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 
 from . import layout as L
+from .float16 import convert_to_float16
 from .fused_attention import FUSED_OP, count_fused, fused_prefix_attention, parse_option, unsupported_reason
 from .tolerances import CPU, CUDA, resolve_tolerance
 from .tracing import eval_mode, graph_arguments, heads_from_feed, prefix_from_feed, traceable_masks
 
 logger = logging.getLogger(__name__)
 
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a serialized graph at 2 GB: weights go to a side file above this
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
@@ -303,8 +305,9 @@ def _resolve_adapters(peft_model, adapter_name: str | None, adapters: Sequence[s
 def _working_copy(peft_model, device: torch.device):
     """The model to trace, in float32: the caller's own when nothing changes, else a copy (theirs stays intact).
 
-    float16 graphs are converted from the float32 trace (ONNX Runtime's converter keeps precision-sensitive ops in
-    float32); tracing a half-precision model records dtype casts that differ between PyTorch kernels and versions.
+    float16 graphs are converted from the float32 trace in mixed precision (``float16.py``: norms, softmax and the
+    attention scores stay float32); tracing a half-precision model records dtype casts that differ between PyTorch
+    kernels and versions.
     """
     reference = next(peft_model.parameters())
     if reference.dtype == torch.float32 and reference.device == device:
@@ -488,11 +491,9 @@ def _finalize_graph(traced: Path, path: Path, prefix: dict[str, torch.Tensor], d
     proto.graph.input.extend(kept)
     for name, tensor in prefix.items():
         proto.graph.initializer.append(numpy_helper.from_array(tensor.cpu().numpy(), name))
-    external = sum(len(t.raw_data) for t in proto.graph.initializer) > 1_800_000_000  # protobuf caps at 2 GB
+    external = sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
     if dtype == torch.float16:
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        proto = convert_float_to_float16(proto, keep_io_types=False, disable_shape_infer=external)
+        proto = convert_to_float16(proto, external_path=traced.with_name("float32-" + path.name) if external else None)
     onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=path.name + "_data" if external else None)
     onnx.checker.check_model(str(path))
