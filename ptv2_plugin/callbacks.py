@@ -85,7 +85,8 @@ class ExportOnnxCallback(TrainerCallback):
     def _check_real_batches(self, model, dataloader) -> dict[str, Any]:
         """PyTorch vs ONNX Runtime on real evaluation batches: max |difference| and argmax agreement."""
         from exporters.onnx import load
-        from exporters.onnx.tolerances import CPU, resolve_tolerance
+        from exporters.onnx.providers import CPU
+        from exporters.onnx.tolerances import resolve_tolerance
 
         ort_model = load(self.export_dir)
         tolerance = resolve_tolerance(self.dtype, CPU, atol=self.atol)

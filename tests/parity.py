@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from exporters.onnx.tolerances import CPU, Tolerance, default_tolerance
+from exporters.onnx.providers import CPU
+from exporters.onnx.tolerances import Tolerance, default_tolerance
 
 EFFECT_SHARE = 0.05  # the parity error must stay below this share of the prefix's effect
 

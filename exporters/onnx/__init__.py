@@ -9,6 +9,7 @@ from .layout import (
     ONNX_FILE_NAME,
     PREFIX_INITIALIZER,
 )
+from .providers import cuda_provider_options
 from .runtime import (
     ORTModel,
     ORTModelForCausalLM,
@@ -37,6 +38,7 @@ __all__ = [
     "ORTModelForSequenceClassification",
     "ORTModelForTokenClassification",
     "create_session",
+    "cuda_provider_options",
     "export",
     "load",
 ]

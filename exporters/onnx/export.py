@@ -37,7 +37,8 @@ from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 from . import layout as L
 from .float16 import convert_to_float16
 from .fused_attention import FUSED_OP, count_fused, fused_prefix_attention, parse_option, unsupported_reason
-from .tolerances import CPU, CUDA, resolve_tolerance
+from .providers import CPU, CUDA
+from .tolerances import resolve_tolerance
 from .tracing import eval_mode, graph_arguments, heads_from_feed, prefix_from_feed, traceable_masks
 
 logger = logging.getLogger(__name__)

@@ -17,8 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
+from .providers import CPU, CUDA
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 
 from . import layout as L
 from .export import build_layout, flatten_cache, sample_inputs
-from .runtime import cuda_provider_options, load
-from .tolerances import CUDA, Tolerance, default_tolerance
+from .providers import CPU, CUDA, cuda_provider_options
+from .runtime import load
+from .tolerances import Tolerance, default_tolerance
 
 ENCODER_SHAPES = ((1, 4), (2, 7), (3, 11))
 DECODER_SHAPES = ((1, 3), (3, 6))
@@ -41,6 +42,7 @@ class ParityReport:
     tolerance: Tolerance
     provider: str
     cases: list[ParityCase] = field(default_factory=list)
+    tf32: bool = False  # CUDA float32 MatMuls were allowed TF32 (on both sides)
 
     @property
     def atol(self) -> float:
@@ -83,8 +85,8 @@ class ParityReport:
     def as_dict(self) -> dict:
         worst = self.worst_case
         return {"max_abs_diff": self.max_abs_diff, "atol": self.tolerance.atol, "rtol": self.tolerance.rtol,
-                "provider": self.provider, "ok": self.ok, "cases": len(self.cases), "worst_case": self.worst,
-                "worst_diff": worst.diff if worst else 0.0,
+                "provider": self.provider, "tf32": self.tf32, "ok": self.ok, "cases": len(self.cases),
+                "worst_case": self.worst, "worst_diff": worst.diff if worst else 0.0,
                 "worst_bound": self.tolerance.bound(worst.reference_max) if worst else 0.0}
 
     def worst_detail(self) -> str:
@@ -104,7 +106,7 @@ class ParityReport:
 
 
 def check_parity(model, folder: str | Path, adapters: list[str] | None = None, *,
-                 provider: str = "CPUExecutionProvider", tolerance: Tolerance | None = None,
+                 provider: str = CPU, tolerance: Tolerance | None = None,
                  tf32: bool = False) -> ParityReport:
     """Compare ``model`` (PyTorch, float32) with the exported ``folder`` on ONNX Runtime ``provider``.
 
@@ -116,7 +118,7 @@ def check_parity(model, folder: str | Path, adapters: list[str] | None = None, *
         tolerance = default_tolerance(_folder_dtype(folder), provider, tf32=tf32)
     options = cuda_provider_options(tf32=tf32) if provider == CUDA else None
     ort_model = load(folder, provider, provider_options=options)
-    report = ParityReport(tolerance=tolerance, provider=provider)
+    report = ParityReport(tolerance=tolerance, provider=provider, tf32=tf32 and provider == CUDA)
     names = adapters or [None]
     with _torch_tf32(tf32):
         for index, name in enumerate(names):
