@@ -1,13 +1,10 @@
 """ONNX Runtime on CUDA (float32 and float16). Skipped, with the reason, where the CUDA provider cannot really run.
 
-Whether CUDA works is decided by creating and running a session, not by listing providers: onnxruntime-gpu lists
-CUDAExecutionProvider even when the driver, CUDA or cuDNN libraries are missing, and then silently runs on CPU.
+Whether CUDA works is decided by running a session (``providers.cuda_unavailable_reason``), not by listing providers.
 Sessions run with TF32 off (``cuda_provider_options()``), as export validation does, unless a test says otherwise.
 """
 
 from __future__ import annotations
-
-import functools
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from exporters.onnx import (  # noqa: E402
     cuda_provider_options,
     export,
 )
-from exporters.onnx.providers import CUDA  # noqa: E402
+from exporters.onnx.providers import CUDA, cuda_unavailable_reason  # noqa: E402
 from exporters.onnx.tolerances import default_tolerance  # noqa: E402
 from exporters.onnx.validate import check_parity  # noqa: E402
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs  # noqa: E402
@@ -29,37 +26,9 @@ from tests.parity import assert_parity  # noqa: E402
 from tests.test_export_onnx import batch, peft_model, without_prefix  # noqa: E402
 
 
-@functools.lru_cache(maxsize=1)
-def cuda_unavailable_reason() -> str | None:
-    import numpy as np
-    from onnx import TensorProto, helper
-
-    if CUDA not in ort.get_available_providers():
-        return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider ({ort.get_available_providers()})"
-    if hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()  # CUDA/cuDNN of the nvidia-* pip packages, where no system CUDA is on the library path
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "x"], ["y"])], "probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=[CUDA])
-        if session.get_providers()[0] != CUDA:
-            return f"onnxruntime {ort.__version__} fell back to {session.get_providers()} (no usable CUDA device)"
-        result = session.run(None, {"x": np.ones(2, dtype=np.float32)})[0]
-        if result.tolist() != [2.0, 2.0]:
-            return "CUDA session returned wrong results"
-    except Exception as error:  # noqa: BLE001 - any failure to start or run means "no CUDA here"
-        return f"CUDAExecutionProvider cannot run here: {type(error).__name__}: {error}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def cuda():
-    reason = cuda_unavailable_reason()
+    reason = cuda_unavailable_reason()  # runs a session: listing providers is not enough
     if reason:
         pytest.skip(reason)
 

@@ -74,3 +74,37 @@ def missing_provider_message(provider: str, ort: Any, wheels: dict[str, str] | N
                 f"{', '.join(sorted(wheels)) or 'none'}). Fix: {INSTALL_HINT}.")
     return (f"CUDA was requested but {active}, although onnxruntime-gpu is installed in "
             f"{wheels['onnxruntime-gpu']}: another onnxruntime comes first on sys.path. Fix: {INSTALL_HINT}.")
+
+
+def cuda_unavailable_reason() -> str | None:
+    """None when ONNX Runtime's CUDA provider really runs here, else why not.
+
+    Decided by running a one-op graph, not by listing providers: onnxruntime-gpu lists CUDAExecutionProvider even
+    when the driver, CUDA or cuDNN libraries are missing, and then silently runs on CPU. CUDA/cuDNN from the nvidia-*
+    pip packages (what PyTorch uses) are preloaded first where onnxruntime can (``preload_dlls``, >= 1.21).
+    """
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if CUDA not in ort.get_available_providers():
+        return missing_provider_message(CUDA, ort)
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=[CUDA])
+        if session.get_providers()[0] != CUDA:
+            return f"onnxruntime {ort.__version__} fell back to {session.get_providers()} (no usable CUDA device)"
+        result = session.run(None, {"x": np.ones(2, dtype=np.float32)})[0]
+        if result.tolist() != [2.0, 2.0]:
+            return "CUDA session returned wrong results"
+    except Exception as error:  # noqa: BLE001 - any failure to start or run means "no CUDA here"
+        return f"CUDAExecutionProvider cannot run here: {type(error).__name__}: {error}"
+    return None

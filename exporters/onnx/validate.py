@@ -120,7 +120,7 @@ def check_parity(model, folder: str | Path, adapters: list[str] | None = None, *
     ort_model = load(folder, provider, provider_options=options)
     report = ParityReport(tolerance=tolerance, provider=provider, tf32=tf32 and provider == CUDA)
     names = adapters or [None]
-    with _torch_tf32(tf32):
+    with torch_tf32(tf32):
         for index, name in enumerate(names):
             with _active_adapter(model, name), torch.no_grad():
                 if ort_model.task == "SEQ_2_SEQ_LM":
@@ -138,7 +138,7 @@ def _folder_dtype(folder: str | Path) -> str:
 
 
 @contextmanager
-def _torch_tf32(enabled: bool) -> Iterator[None]:
+def torch_tf32(enabled: bool) -> Iterator[None]:
     """PyTorch's float32 CUDA matmuls with (``high``) or without (``highest``) TF32 while comparing; restored after."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if enabled else "highest")
