@@ -88,14 +88,17 @@ def test_manual_layer_norm_and_attention_scores_stay_float32():
         helper.make_node("Sub", ["one", "mask_f"], ["inverted"], name="mask_invert"),
         helper.make_node("Mul", ["inverted", "min"], ["bias"], name="mask_bias"),
         helper.make_node("Add", ["scaled", "bias"], ["masked"], name="mask_add"),
-        helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("Constant", [], ["shape"], name="shape_const",
+                         value=helper.make_tensor("shape", TensorProto.INT64, [2], [2, 2])),
+        helper.make_node("Reshape", ["masked", "shape"], ["viewed"], name="scores_view"),  # as DeBERTa does
+        helper.make_node("Softmax", ["viewed"], ["probs"], name="softmax", axis=-1),
         helper.make_node("MatMul", ["probs", "h"], ["y"], name="pv"),
     ]
     model = _model(nodes, [("x", [2, 4])], ["y"], [gamma])
     model.graph.input.append(helper.make_tensor_value_info("mask", TensorProto.INT64, [2]))
     assert float32_nodes(model.graph) == {
         "mean", "center", "square", "variance", "add_eps", "sqrt", "normalize",  # the norm
-        "scale_scores", "mask_cast", "mask_invert", "mask_bias", "mask_add", "softmax",  # the score path
+        "scale_scores", "mask_cast", "mask_invert", "mask_bias", "mask_add", "scores_view", "softmax",  # scores
     }
 
 

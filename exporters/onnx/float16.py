@@ -9,7 +9,8 @@ and the softmax over them lose their range the same way. So, as PyTorch's autoca
   ``ReduceMean`` and the chain after it (``Add`` eps, ``Sqrt``, ``Reciprocal``/``Div``) up to and including the node
   that applies the statistic to the activations;
 * every ``Softmax`` and the attention-score path into it: the element-wise ops (scale, mask ``Add``/``Where``,
-  mask ``Cast``) between the score ``MatMul`` and the softmax.
+  mask ``Cast``, relative-position terms added to the scores) and reshapes between the score ``MatMul`` and the
+  softmax.
 
 Everything else, MatMuls and the prefix initializers included, is float16; graph inputs and outputs are float16.
 The conversion itself is ONNX Runtime's ``onnxruntime.transformers.float16.convert_float_to_float16`` with those
@@ -28,6 +29,7 @@ from onnx import TensorProto
 FLOAT32_OPS = ("LayerNormalization", "Softmax")
 _NORM_CHAIN_OPS = {"Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal"}
 _SCORE_PATH_OPS = {"Add", "Sub", "Mul", "Div", "Where", "Neg", "Tanh"}
+_SCORE_LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze"}  # DeBERTa reshapes its scores before the mask
 
 
 def convert_to_float16(proto: onnx.ModelProto, *, external_path: Path | None = None) -> onnx.ModelProto:
@@ -115,8 +117,12 @@ def _score_path(softmax: onnx.NodeProto, producers) -> set[str]:
             if _cast_target(node) == TensorProto.FLOAT:
                 keep.add(node.name)  # e.g. the mask's upcast: stays float32, and the walk stops at its input
             continue
+        if node.op_type in _SCORE_LAYOUT_OPS:
+            keep.add(node.name)
+            stack.append(node.input[0])  # the scores; a shape or axes input is not on the path
+            continue
         if node.op_type not in _SCORE_PATH_OPS:
-            continue  # MatMul, Concat, Gather, Constant ...: the path starts here
+            continue  # MatMul, Concat, Gather, Pad, Constant ...: the path starts here
         keep.add(node.name)
         stack.extend(node.input[1:] if node.op_type == "Where" else node.input)  # a Where's condition is boolean
     return keep
