@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +12,8 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from benchmarks import common, gpu_check  # noqa: E402
+from benchmarks import gpu_check  # noqa: E402
+from tests.child_process import run_python  # noqa: E402
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: nothing stops early")
 
@@ -21,10 +21,10 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
 @no_cuda
 def test_script_stops_early_without_cuda_and_writes_nothing(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "PTV2_GPU_REPORT_DIR": str(tmp_path / "out")}
-    done = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=common.ROOT, env=env, capture_output=True, text=True,
-                          timeout=180)
-    assert done.returncode == gpu_check.EXIT_NO_CUDA, done.stderr
-    assert "no CUDA device visible to PyTorch" in done.stderr and "run this on a GPU machine" in done.stderr
+    script = "import subprocess, sys\nsys.exit(subprocess.run(['bash', 'scripts/gpu_check.sh'], timeout=150)" \
+             ".returncode)"
+    output = run_python(script, timeout=180, env=env, expected_returncode=gpu_check.EXIT_NO_CUDA)
+    assert "no CUDA device visible to PyTorch" in output and "run this on a GPU machine" in output
     assert not (tmp_path / "out").exists()
 
 
