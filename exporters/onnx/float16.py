@@ -156,9 +156,11 @@ def drop_float16_round_trips(graph: onnx.GraphProto) -> int:
             if name in replace:
                 node.input[index] = replace[name]
     used = _read_names(graph) | outputs
-    for node in candidates:
-        if node.output[0] not in used and node in graph.node:
-            graph.node.remove(node)
+    unread = {node.name for node in candidates if node.output[0] not in used}  # every node is named by now
+    if unread:
+        kept = [node for node in graph.node if node.name not in unread]
+        graph.ClearField("node")
+        graph.node.extend(kept)
     return len(replace)
 
 
