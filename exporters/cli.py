@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "decoder_with_past_model.onnx).")
     parser.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
                         help="Compare PyTorch and ONNX Runtime after export and fail above --atol (default: on).")
-    parser.add_argument("--atol", type=float, default=None, help="Parity tolerance (default 1e-4; 2e-2 for float16).")
+    parser.add_argument("--atol", type=float, default=None,
+                        help="Parity tolerance, absolute part: |ort - torch| <= atol + rtol * max|torch| "
+                        "(default: per dtype and provider, exporters/onnx/tolerances.py).")
+    parser.add_argument("--rtol", type=float, default=None, help="Parity tolerance, relative part (default: likewise).")
     parser.add_argument("--fused-attention", action=argparse.BooleanOptionalAction, default="auto",
                         help="Encoders: run each prefixed attention layer as ONNX Runtime's fused "
                         "com.microsoft.MultiHeadAttention (faster; needs onnxruntime). Default: wherever it applies "
@@ -57,8 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         output = export(
             args.adapter, args.output, base_model=args.model, task=args.task, opset=args.opset, dtype=args.dtype,
-            with_past=args.with_past, device=args.device, validate=args.validate, atol=args.atol, force=args.force,
-            fused_attention=args.fused_attention, progress=progress,
+            with_past=args.with_past, device=args.device, validate=args.validate, atol=args.atol, rtol=args.rtol,
+            force=args.force, fused_attention=args.fused_attention, progress=progress,
         )
     except ExportValidationError as error:
         print(f"ptv2-export: validation failed: {error}", file=sys.stderr)
@@ -82,7 +85,7 @@ def _print_report(output: Path) -> None:
     if parity:
         verdict = "OK" if parity["ok"] else "FAILED"
         print(f"Parity report: max abs diff {parity['max_abs_diff']:.3g} over {parity['cases']} comparisons "
-              f"on {parity['provider']} (atol {parity['atol']:g}) -> {verdict}")
+              f"on {parity['provider']} (atol {parity['atol']:g}, rtol {parity['rtol']:g}) -> {verdict}")
     else:
         print("Parity report: validation skipped (--no-validate).")
 

@@ -31,11 +31,12 @@ class ExportOnnxCallback(TrainerCallback):
     The Trainer calls ``on_train_end`` after its last checkpoint was saved and ``load_best_model_at_end`` restored
     the best one, so the export is the best adapter. The exporter's own parity check runs on synthetic shapes; this
     callback adds up to ``validation_batches`` real evaluation batches, PyTorch and ONNX Runtime both on the CPU
-    (the training device may use TF32 or another kernel), at the exporter's tolerance (``atol``; default 1e-4 for
-    float32, 2e-2 for float16). A failed export goes to ``<folder>-export-report.json`` beside the folder, a failed
-    real-batch check to ``ptv2_validation_report.json`` inside it; both are logged as errors, and raised only with
-    ``strict=True``. Only the main process exports. ``exporters`` (and onnx/onnxruntime) are imported here, not by
-    ``ptv2_plugin``. ``progress`` receives the exporter's stage messages (default: this module's logger).
+    (the training device may use TF32 or another kernel), at the exporter's tolerance for the dtype on the CPU
+    (``atol + rtol * max|torch|``, see ``exporters/onnx/tolerances.py``; ``atol`` overrides the absolute part).
+    A failed export goes to ``<folder>-export-report.json`` beside the folder, a failed real-batch check to
+    ``ptv2_validation_report.json`` inside it; both are logged as errors, and raised only with ``strict=True``.
+    Only the main process exports. ``exporters`` (and onnx/onnxruntime) are imported here, not by ``ptv2_plugin``.
+    ``progress`` receives the exporter's stage messages (default: this module's logger).
     """
 
     def __init__(
@@ -115,7 +116,7 @@ class ExportOnnxCallback(TrainerCallback):
             return
         if self.report and not self.report["ok"]:
             message = (f"the ONNX export at {self.export_dir} differs from PyTorch by {self.report['max_abs_diff']:.3g}"
-                       f" > atol {self.report['atol']:g} on real evaluation batches (both on the CPU)")
+                       f", beyond {self.report['tolerance']}, on real evaluation batches (both on the CPU)")
             self._fail(self.export_dir / exporter.VALIDATION_REPORT_FILE_NAME, message, None)
             return
         logger.info("Exported the final adapter to %s %s", self.export_dir, self.report)
@@ -123,18 +124,21 @@ class ExportOnnxCallback(TrainerCallback):
     def _check_real_batches(self, exporter, reference: nn.Module, dataloader) -> dict[str, Any]:
         """PyTorch (CPU copy) vs ONNX Runtime (CPU) on real evaluation batches: max |difference|, argmax agreement."""
         ort_model = exporter.load(self.export_dir)
-        atol = self.atol if self.atol is not None else exporter.default_atol(self.dtype)
+        tolerance = exporter.resolve_tolerance(self.dtype, exporter.CPU, atol=self.atol)
+        failed = False
         max_diff, agree, total = 0.0, 0, 0
         for batch in itertools.islice(dataloader, self.validation_batches):
             inputs = {k: v.cpu() for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
             with torch.no_grad():
                 expected = reference(**inputs).logits.float()
             actual = torch.as_tensor(ort_model(**inputs).logits).float()
-            max_diff = max(max_diff, (expected - actual).abs().max().item())
+            diff = (expected - actual).abs().max().item()
+            failed |= not tolerance.allows(diff, expected.abs().max().item())
+            max_diff = max(max_diff, diff)
             agree += (expected.argmax(-1) == actual.argmax(-1)).sum().item()
             total += expected.argmax(-1).numel()
-        return {"ok": max_diff <= atol, "max_abs_diff": max_diff, "argmax_agreement": agree / max(total, 1),
-                "atol": atol, "device": "cpu"}
+        return {"ok": not failed, "max_abs_diff": max_diff, "argmax_agreement": agree / max(total, 1),
+                "atol": tolerance.atol, "rtol": tolerance.rtol, "tolerance": tolerance.describe(), "device": "cpu"}
 
     def _fail(self, path: Path, message: str, error: Exception | None) -> None:
         """Write the report, log the error; raise only with ``strict``."""

@@ -1,6 +1,6 @@
 """ONNX export of P-Tuning v2 models (prefix frozen into the graph) and ONNX Runtime models to serve them."""
 
-from .export import ExportValidationError, check_output_dir, default_atol, export
+from .export import ExportValidationError, check_output_dir, export
 from .layout import (
     DECODER_FILE_NAME,
     DECODER_WITH_PAST_FILE_NAME,
@@ -10,6 +10,7 @@ from .layout import (
     PREFIX_INITIALIZER,
     VALIDATION_REPORT_FILE_NAME,
 )
+from .providers import CPU, cuda_provider_options
 from .runtime import (
     ORTModel,
     ORTModelForCausalLM,
@@ -21,8 +22,10 @@ from .runtime import (
     create_session,
     load,
 )
+from .tolerances import resolve_tolerance
 
 __all__ = [
+    "CPU",
     "DECODER_FILE_NAME",
     "DECODER_WITH_PAST_FILE_NAME",
     "ENCODER_FILE_NAME",
@@ -40,7 +43,8 @@ __all__ = [
     "ORTModelForTokenClassification",
     "check_output_dir",
     "create_session",
-    "default_atol",
+    "cuda_provider_options",
+    "resolve_tolerance",
     "export",
     "load",
 ]

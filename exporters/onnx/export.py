@@ -34,13 +34,16 @@ from ptv2_plugin.atomic_folder import replace_folder
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 
 from . import layout as L
+from .float16 import convert_to_float16
 from .fused_attention import FUSED_OP, count_fused, fused_prefix_attention, parse_option, unsupported_reason
+from .providers import CPU, CUDA
+from .tolerances import resolve_tolerance
 from .tracing import eval_mode, graph_arguments, heads_from_feed, prefix_from_feed, traceable_masks
 
 logger = logging.getLogger(__name__)
 
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a serialized graph at 2 GB: weights go to a side file above this
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
-DEFAULT_ATOL = {torch.float32: 1e-4, torch.float16: 2e-2}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
     "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "chat_template.jinja",
@@ -75,6 +78,8 @@ def export(
     adapters: Sequence[str] | None = None,
     validate: bool = True,
     atol: float | None = None,
+    rtol: float | None = None,
+    tf32: bool = False,
     force: bool = False,
     fused_attention: bool | str = "auto",
     tokenizer: Any = None,
@@ -94,6 +99,9 @@ def export(
     export (and, with ``validate``, the parity check) succeeded. ``force=True`` replaces only what an export wrote:
     an empty folder or an earlier export whose files are all listed in its ``ptv2_export.json``; anything else
     raises ``FileExistsError`` and stays as it was (``check_output_dir``).
+
+    Validation passes when every output satisfies ``max|ort - torch| <= atol + rtol * max|torch|``; ``atol`` and
+    ``rtol`` default per dtype and provider (``tolerances.py``). On CUDA it runs with TF32 off unless ``tf32=True``.
 
     ``fused_attention``: encoder graphs run each prefixed self-attention layer as ONNX Runtime's fused
     ``com.microsoft.MultiHeadAttention`` (prefix in front of its keys/values), which ORT's own optimizer cannot
@@ -165,18 +173,19 @@ def export(
         if validate:
             from .validate import check_parity
 
-            provider = "CUDAExecutionProvider" if torch.device(device).type == "cuda" else "CPUExecutionProvider"
-            tolerance = atol if atol is not None else DEFAULT_ATOL[torch_dtype]
-            say(f"Validating against PyTorch on {provider} (atol {tolerance:g})")
+            provider = CUDA if torch.device(device).type == "cuda" else CPU
+            tolerance = resolve_tolerance(torch_dtype, provider, atol=atol, rtol=rtol, tf32=tf32)
+            say(f"Validating against PyTorch on {provider} ({tolerance.describe()}{', TF32 on' if tf32 else ''})")
             with eval_mode(work):
-                report = check_parity(work, staging, names if multi else None, provider=provider, atol=tolerance)
+                report = check_parity(work, staging, names if multi else None, provider=provider,
+                                      tolerance=tolerance, tf32=tf32)
             metadata["parity"] = report.as_dict()
             for line in report.lines():
                 say(line)
             if not report.ok:
                 raise ExportValidationError(
-                    f"ONNX Runtime output differs from PyTorch by {report.max_abs_diff:.3g} > atol {tolerance:g} "
-                    f"(worst case: {report.worst}). The export was discarded."
+                    f"ONNX Runtime output differs from PyTorch beyond {tolerance.describe()}: {report.worst_detail()}. "
+                    "The export was discarded."
                 )
             metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
     say(f"Export done: {output_dir}")
@@ -208,11 +217,6 @@ def _check_fused(option: bool | str, fused_layers: int, prefixed_layers: int, sk
         raise ValueError(f"fused_attention=True: only {fused_layers} of {prefixed_layers} prefixed layers could be "
                          f"fused ({why}). Use fused_attention='auto' or False.")
     say(f"Fused attention: {fused_layers} of {prefixed_layers} prefixed layers fused; the rest use plain ops ({why})")
-
-
-def default_atol(dtype: Any) -> float:
-    """The parity tolerance for a graph dtype: 1e-4 for float32, 2e-2 for float16."""
-    return DEFAULT_ATOL[_parse_dtype(dtype)]
 
 
 def _parse_dtype(dtype: Any) -> torch.dtype:
@@ -340,8 +344,9 @@ def _resolve_adapters(peft_model, adapter_name: str | None, adapters: Sequence[s
 def _working_copy(peft_model, device: torch.device):
     """The model to trace, in float32: the caller's own when nothing changes, else a copy (theirs stays intact).
 
-    float16 graphs are converted from the float32 trace (ONNX Runtime's converter keeps precision-sensitive ops in
-    float32); tracing a half-precision model records dtype casts that differ between PyTorch kernels and versions.
+    float16 graphs are converted from the float32 trace in mixed precision (``float16.py``: norms, softmax and the
+    attention scores stay float32); tracing a half-precision model records dtype casts that differ between PyTorch
+    kernels and versions.
     """
     reference = next(peft_model.parameters())
     if reference.dtype == torch.float32 and reference.device == device:
@@ -525,11 +530,9 @@ def _finalize_graph(traced: Path, path: Path, prefix: dict[str, torch.Tensor], d
     proto.graph.input.extend(kept)
     for name, tensor in prefix.items():
         proto.graph.initializer.append(numpy_helper.from_array(tensor.cpu().numpy(), name))
-    external = sum(len(t.raw_data) for t in proto.graph.initializer) > 1_800_000_000  # protobuf caps at 2 GB
+    external = sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
     if dtype == torch.float16:
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        proto = convert_float_to_float16(proto, keep_io_types=False, disable_shape_infer=external)
+        proto = convert_to_float16(proto, external_path=traced.with_name("float32-" + path.name) if external else None)
     onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=path.name + "_data" if external else None)
     onnx.checker.check_model(str(path))
