@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="Base model folder (or hub id when online).")
     parser.add_argument("--adapter", required=True, help="Folder of the saved P-Tuning v2 adapter.")
-    parser.add_argument("--output", required=True, help="Output folder (created atomically).")
+    parser.add_argument("--output", required=True,
+                        help="Output folder: written beside it, then swapped in whole (never half-written).")
     parser.add_argument("--task", default=None,
                         help="SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION, CAUSAL_LM or SEQ_2_SEQ_LM (or "
                         "Optimum's names, e.g. text-classification, text2text-generation). Default: the adapter's "
@@ -40,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "com.microsoft.MultiHeadAttention (faster; needs onnxruntime). Default: wherever it applies "
                         "(float32 encoders on transformers >= 5); --fused-attention fails if it cannot apply, "
                         "--no-fused-attention writes standard ONNX ops only.")
-    parser.add_argument("--force", action="store_true", help="Replace a non-empty output folder.")
+    parser.add_argument("--force", action="store_true",
+                        help="Replace the output folder if it holds an earlier export: a ptv2_export.json and only the "
+                        "files that export wrote. Any other non-empty folder is refused and left untouched. The new "
+                        "export is swapped in whole; the old one is kept until then.")
     return parser
 
 
@@ -62,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExportValidationError as error:
         print(f"ptv2-export: validation failed: {error}", file=sys.stderr)
         return 2
-    except (FileExistsError, FileNotFoundError, ValueError, TypeError, NotImplementedError) as error:
+    except (OSError, ValueError, TypeError, NotImplementedError) as error:  # OSError: file exists, mount point...
         print(f"ptv2-export: error: {error}", file=sys.stderr)
         return 1
     _print_report(output)

@@ -316,18 +316,26 @@ def test_output_folder_is_atomic_and_refused_unless_forced(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="not empty; pass force=True"):
         export(model, out)
-    assert (out / "keep.txt").read_text() == "user data"
+    with pytest.raises(FileExistsError, match=r"Refusing to replace .*out: it holds keep.txt, which no export wrote"):
+        export(model, out, force=True)  # force replaces only what an export wrote
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    export(model, out)  # an empty folder needs no force
+    first = (out / "model.onnx").read_bytes()
     with pytest.raises(ExportValidationError, match="discarded"):
         export(model, out, force=True, atol=-1.0, rtol=0.0)  # impossible tolerance: validation must fail
-    assert (out / "keep.txt").read_text() == "user data"  # a failed export never touches the old folder
-    export(model, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+    assert (out / "model.onnx").read_bytes() == first  # a failed export never touches the old folder
+    export(model, out, force=True)  # an earlier export is replaced
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="it holds notes.txt"):
+        export(model, out, force=True)  # ...but not once a user's file sits in it
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.onnx").is_file()
     with pytest.raises(ExportValidationError):
         export(model, tmp_path / "fresh", atol=-1.0, rtol=0.0)
     assert not (tmp_path / "fresh").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or backup folders left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, backup or lock left
 
 
 def test_export_from_adapter_folder_copies_tokenizer_and_leaves_model_intact(tmp_path):

@@ -1,6 +1,6 @@
 """ONNX export of P-Tuning v2 models (prefix frozen into the graph) and ONNX Runtime models to serve them."""
 
-from .export import ExportValidationError, export
+from .export import ExportValidationError, check_output_dir, export
 from .layout import (
     DECODER_FILE_NAME,
     DECODER_WITH_PAST_FILE_NAME,
@@ -8,8 +8,9 @@ from .layout import (
     METADATA_FILE_NAME,
     ONNX_FILE_NAME,
     PREFIX_INITIALIZER,
+    VALIDATION_REPORT_FILE_NAME,
 )
-from .providers import cuda_provider_options
+from .providers import CPU, cuda_provider_options
 from .runtime import (
     ORTModel,
     ORTModelForCausalLM,
@@ -21,14 +22,17 @@ from .runtime import (
     create_session,
     load,
 )
+from .tolerances import resolve_tolerance
 
 __all__ = [
+    "CPU",
     "DECODER_FILE_NAME",
     "DECODER_WITH_PAST_FILE_NAME",
     "ENCODER_FILE_NAME",
     "METADATA_FILE_NAME",
     "ONNX_FILE_NAME",
     "PREFIX_INITIALIZER",
+    "VALIDATION_REPORT_FILE_NAME",
     "ExportValidationError",
     "ORTModel",
     "ORTModelForCausalLM",
@@ -37,8 +41,10 @@ __all__ = [
     "ORTModelForSeq2SeqLM",
     "ORTModelForSequenceClassification",
     "ORTModelForTokenClassification",
+    "check_output_dir",
     "create_session",
     "cuda_provider_options",
+    "resolve_tolerance",
     "export",
     "load",
 ]
