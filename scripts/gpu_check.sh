@@ -30,7 +30,8 @@ elif [ "$rc" -ne 0 ]; then
   say "cannot run PyTorch with $PYTHON (exit $rc): install torch (a CUDA build) first."
   exit 2
 fi
-"$PYTHON" -c 'import torch; print("gpu_check: torch", torch.__version__, "on", torch.cuda.get_device_name(0))'
+timeout 120 "$PYTHON" -c \
+  'import torch; print("gpu_check: torch", torch.__version__, "on", torch.cuda.get_device_name(0))'
 
 # 2. onnxruntime with a CUDA provider: installed, or from the carried wheel parts.
 has_cuda_ort() {
@@ -39,7 +40,8 @@ has_cuda_ort() {
     2>/dev/null
 }
 if has_cuda_ort; then
-  say "using the installed onnxruntime: $("$PYTHON" -c 'import onnxruntime as o; print(o.__version__, o.__file__)')"
+  active=$(timeout 60 "$PYTHON" -c 'import onnxruntime as o; print(o.__version__, o.__file__)')
+  say "using the installed onnxruntime: $active"
 elif compgen -G ".ortgpu/p*/part.*" >/dev/null; then
   name=$(cat .ortgpu/NAME .ortgpu/p*/NAME 2>/dev/null | head -n 1)  # each carried pK holds a copy of NAME
   if [ -z "$name" ]; then
