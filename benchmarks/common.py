@@ -6,6 +6,7 @@ Every benchmark trains and times the methods through these helpers, so "same bud
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -15,15 +16,17 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import peft  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -34,6 +37,13 @@ if str(ROOT) not in sys.path:
 import ptv2_plugin  # noqa: E402,F401  (registers the method with PEFT)
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+# Full benchmark runs use this lock: transformers 5.23.0 is the last release where PEFT's own prefix tuning (a baseline
+# row) still runs on BERT-family models; 5.24 renamed the forward argument it looks for. Every report says so.
+BENCHMARK_LOCK = "constraints/tf523.txt"
+BENCHMARK_LOCK_TRANSFORMERS = "5.23.0"
+BENCHMARK_LOCK_SETUP = ("python3 -m venv .venv-bench && .venv-bench/bin/pip install --no-deps torch==2.13.0 "
+                        f"-r {BENCHMARK_LOCK} && .venv-bench/bin/pip install --no-deps -e .")
 
 # The standard budget of issue 6: same for every method.
 TRAIN_SIZE = 8000
@@ -201,21 +211,21 @@ def tiny_backbone(arch: str = "bert") -> Backbone:
     return Backbone(f"tiny-{arch}", lambda: tiny_model(arch, "SEQ_CLS").train(), ToyTokenizer(VOCAB))
 
 
-def wrap(method: Method, base: nn.Module) -> nn.Module:
+def wrap(method: Method, base: nn.Module, task: str = "SEQ_CLS") -> nn.Module:
     """The model ``method`` trains: a PEFT model or the base itself with the right parameters trainable."""
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
     opts = dict(method.options)
     if method.kind == "ptv2":
-        return get_peft_model(base, ptv2_plugin.PTuningV2Config(task_type="SEQ_CLS", **opts))
+        return get_peft_model(base, ptv2_plugin.PTuningV2Config(task_type=task, **opts))
     if method.kind == "peft_prefix":
         cfg = base.config
         opts.setdefault("encoder_hidden_size", cfg.hidden_size)
-        return get_peft_model(base, PrefixTuningConfig(task_type="SEQ_CLS", **opts))
+        return get_peft_model(base, PrefixTuningConfig(task_type=task, **opts))
     if method.kind == "lora":
         opts.setdefault("target_modules", ["query", "value"])
         opts.setdefault("lora_alpha", 2 * opts.get("r", 8))
-        return get_peft_model(base, LoraConfig(task_type="SEQ_CLS", **opts))
+        return get_peft_model(base, LoraConfig(task_type=task, **opts))
     if method.kind == "full":
         for p in base.parameters():
             p.requires_grad_(True)
@@ -225,6 +235,84 @@ def wrap(method: Method, base: nn.Module) -> nn.Module:
             p.requires_grad_(name.startswith(("classifier", "score")))
         return base
     raise ValueError(f"Unknown method kind {method.kind!r}.")
+
+
+# ------------------------------------------------------------------------------------------------ runnable rows
+# PEFT's own methods, the baselines we compare against. Only their rows may be "not runnable": PEFT 0.21.2's prefix
+# tuning refuses BERT-family models on transformers 5.24 (it looks for ``past_key_values`` in forward signatures; 5.24
+# calls it ``cache``). A failure of any other row, ours above all, must crash the benchmark, never hide as a status.
+PEFT_BASELINE_KINDS = frozenset({"peft_prefix"})
+MEASURED = "ok"
+NOT_RUNNABLE = "not runnable: "
+_PEFT_DIR = Path(peft.__file__).resolve().parent
+T = TypeVar("T")
+
+
+def run_or_not_runnable(kind: str, fn: Callable[[], T]) -> tuple[T | None, str]:
+    """``(fn(), "ok")``, or ``(None, "not runnable: ...")`` for a PEFT baseline PEFT refuses on the installed versions.
+
+    Only a ValueError or TypeError raised with PEFT's code on the stack becomes a status, and only for PEFT-baseline
+    kinds: everything else propagates, so a regression (ours or the harness's) cannot pass as a skipped row.
+    """
+    if kind not in PEFT_BASELINE_KINDS:
+        return fn(), MEASURED
+    try:
+        return fn(), MEASURED
+    except (ValueError, TypeError) as error:
+        if not _raised_in_peft(error):
+            raise
+        return None, f"{NOT_RUNNABLE}{type(error).__name__}: {error}"
+
+
+def _raised_in_peft(error: BaseException) -> bool:
+    """Whether PEFT's own code is on the error's traceback (its checks, its forward), not only the caller's."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return any(Path(frame.filename).resolve().is_relative_to(_PEFT_DIR) for frame in frames)
+
+
+def build_method(method: Method, make_base: Callable[[], nn.Module],
+                 task: str = "SEQ_CLS") -> tuple[nn.Module | None, str]:
+    """``wrap(method, make_base())`` and its status; PEFT baselines also run one tiny forward, because PEFT refuses
+    an unsupported model only when it is called, and a benchmark should learn that before it times or trains."""
+    base = make_base()
+
+    def build() -> nn.Module:
+        model = wrap(method, base, task)
+        if method.kind in PEFT_BASELINE_KINDS:
+            _probe_forward(model)
+        return model
+
+    return run_or_not_runnable(method.kind, build)
+
+
+def _probe_forward(model: nn.Module) -> None:
+    """One forward of 4 tokens that leaves the RNG and every module's train/eval mode as they were: a probed row
+    then trains and times exactly as it did before the probe existed."""
+    modes = {module: module.training for module in model.modules()}
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        model.eval()
+        try:
+            model(**random_batch(model.config.vocab_size, 1, 4))
+        finally:
+            for module, training in modes.items():
+                module.training = training
+
+
+def is_measured(row: dict[str, Any]) -> bool:
+    """A row with metrics (rows written before statuses existed were all measured)."""
+    return row.get("status", MEASURED) == MEASURED
+
+
+def not_measured(machine_info: dict[str, Any]) -> str:
+    """Why a comparison with PEFT prefix tuning is missing from a report, with the versions that refused it."""
+    return (f"not measured, PEFT prefix tuning not runnable on transformers {machine_info['transformers']} "
+            f"(peft {machine_info['peft']}); full runs use `{BENCHMARK_LOCK}` "
+            f"(transformers {BENCHMARK_LOCK_TRANSFORMERS})")
+
+
+def status_row(cells: Sequence[Any], status: str, width: int) -> list[Any]:
+    """A table row for a method that did not run: its identifying ``cells``, the status, dashes for the metrics."""
+    return [*cells, status] + ["-"] * (width - len(cells) - 1)
 
 
 def trainable_parameters(model: nn.Module, exclude_head: bool = False) -> int:
@@ -412,8 +500,11 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------------------------------------------- reports
-def machine() -> dict[str, Any]:
-    import peft
+VERSIONED = ("python", "torch", "transformers", "peft", "onnxruntime")
+
+
+def machine(*packages: str) -> dict[str, Any]:
+    """The environment block of every results.json: machine, versions (plus those of ``packages``) and the lock."""
     import transformers
 
     return {
@@ -425,8 +516,32 @@ def machine() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "python": platform.python_version(),
+        **{name: importlib.import_module(name).__version__ for name in packages},
         "cuda": torch.cuda.is_available(),
+        "full_run_lock": {"file": BENCHMARK_LOCK, "transformers": BENCHMARK_LOCK_TRANSFORMERS,
+                          "setup": BENCHMARK_LOCK_SETUP},
     }
+
+
+def versions(machine_info: dict[str, Any]) -> str:
+    """'python X, torch Y, ...': the versions a report was measured with."""
+    return ", ".join(f"{name} {machine_info[name]}" for name in VERSIONED if machine_info.get(name))
+
+
+def lock_line() -> str:
+    """Where full runs come from: every report says it, so a smoke or off-lock run is never mistaken for one."""
+    return (f"Full runs use the lock `{BENCHMARK_LOCK}` (transformers {BENCHMARK_LOCK_TRANSFORMERS}, where PEFT's "
+            f"prefix tuning still runs on BERT-family models), installed with `{BENCHMARK_LOCK_SETUP}`.")
+
+
+def environment_lines(machine_info: dict[str, Any]) -> list[str]:
+    """The report header's versions and lock; a run on another transformers says it is not a lock run."""
+    lines = [f"Versions: {versions(machine_info)}.  ", lock_line()]
+    if machine_info.get("transformers") != BENCHMARK_LOCK_TRANSFORMERS:
+        lines[-1] += "  "  # Markdown line break
+        lines.append(f"This run used transformers {machine_info.get('transformers')}, not the lock's: PEFT rows that "
+                     "cannot run on it are reported as not runnable.")
+    return lines
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -474,7 +589,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     def fmt(value: Any) -> str:
         if isinstance(value, float):
             return f"{value:.4g}"
-        return str(value)
+        return str(value).replace("|", "\\|")  # an error message in a cell must not split the row
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]

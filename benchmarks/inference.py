@@ -22,27 +22,35 @@ DECODER_CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376,
                       bos_token_id=1, eos_token_id=2)
 
 
-def prefix_models(make, n: int, task: str) -> dict[str, torch.nn.Module]:
-    """base, ours and PEFT prefix tuning (projection on, same n), all frozen and in eval mode."""
-    from peft import PrefixTuningConfig, get_peft_model
+METHODS = ("base", "ptv2", "peft_prefix")  # the compared models; each name is also its common.Method kind
 
-    import ptv2_plugin
 
-    models = {"base": make()}
-    models["ptv2"] = get_peft_model(make(), ptv2_plugin.PTuningV2Config(task_type=task, num_virtual_tokens=n))
-    base = make()
-    models["peft_prefix"] = get_peft_model(
-        base, PrefixTuningConfig(task_type=task, num_virtual_tokens=n, prefix_projection=True,
-                                 encoder_hidden_size=base.config.hidden_size))
+def prefix_models(make, n: int, task: str) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """base, ours and PEFT prefix tuning (projection on, same n), all frozen and in eval mode, and each one's status
+    (the models dict leaves out a PEFT row the installed versions cannot run)."""
+    methods = [common.Method("ptv2", "ptv2", 0.0, {"num_virtual_tokens": n}),
+               common.Method("peft_prefix", "peft_prefix", 0.0, {"num_virtual_tokens": n, "prefix_projection": True})]
+    models, status = {"base": make()}, {"base": common.MEASURED}
+    for method in methods:
+        model, status[method.name] = common.build_method(method, make, task)
+        if model is not None:
+            models[method.name] = model
     for model in models.values():
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
-    return models
+    return models, status
 
 
-def encoder_latency(backbone: common.Backbone, n: int, shapes, rounds: int) -> list[dict]:
-    models = prefix_models(backbone.make, n, "SEQ_CLS")
+def _ratio(med: dict, one: str, other: str) -> dict:
+    """``{"<one>_vs_<other>": ratio of medians}``, or nothing when either was not measured."""
+    if one in med and other in med:
+        return {f"{one}_vs_{other}": med[one]["median"] / med[other]["median"]}
+    return {}
+
+
+def encoder_latency(backbone: common.Backbone, n: int, shapes, rounds: int) -> tuple[list[dict], dict[str, str]]:
+    models, status = prefix_models(backbone.make, n, "SEQ_CLS")
     vocab = models["base"].config.vocab_size
     rows = []
     for batch, seq in shapes:
@@ -57,10 +65,8 @@ def encoder_latency(backbone: common.Backbone, n: int, shapes, rounds: int) -> l
         per_round = max(1, 8 // batch)
         times = common.interleaved_times({k: call(m) for k, m in models.items()}, rounds, per_round)
         med = {k: common.summary(v) for k, v in times.items()}
-        row = {"batch": batch, "seq": seq, "latency_seconds": med,
-               "ptv2_vs_base": med["ptv2"]["median"] / med["base"]["median"],
-               "peft_prefix_vs_base": med["peft_prefix"]["median"] / med["base"]["median"],
-               "ptv2_vs_peft_prefix": med["ptv2"]["median"] / med["peft_prefix"]["median"]}
+        row = {"batch": batch, "seq": seq, "latency_seconds": med, **_ratio(med, "ptv2", "base"),
+               **_ratio(med, "peft_prefix", "base"), **_ratio(med, "ptv2", "peft_prefix")}
         if (batch, seq) in TARGETS:
             row["target"] = TARGETS[(batch, seq)]
             row["met"] = row["ptv2_vs_base"] <= TARGETS[(batch, seq)]
@@ -69,7 +75,7 @@ def encoder_latency(backbone: common.Backbone, n: int, shapes, rounds: int) -> l
         rows.append(row)
         print(f"encoder b={batch} s={seq}: " + ", ".join(f"{k} {1000 * v['median']:.2f} ms" for k, v in med.items())
               + f" | ptv2/base {row['ptv2_vs_base']:.3f}", flush=True)
-    return rows
+    return rows, status
 
 
 def profile_overhead(base: torch.nn.Module, ours: torch.nn.Module, inputs: dict, forwards: int = 30) -> dict:
@@ -103,8 +109,9 @@ def profile_overhead(base: torch.nn.Module, ours: torch.nn.Module, inputs: dict,
             "python_seconds": max(0.0, wall["ptv2"] - wall["base"] - op_total)}
 
 
-def decoder_throughput(make, n: int, batches, prompt: int, new_tokens: int, rounds: int) -> list[dict]:
-    models = prefix_models(make, n, "CAUSAL_LM")
+def decoder_throughput(make, n: int, batches, prompt: int, new_tokens: int,
+                       rounds: int) -> tuple[list[dict], dict[str, str]]:
+    models, status = prefix_models(make, n, "CAUSAL_LM")
     vocab = models["base"].config.vocab_size
     rows = []
     for batch in batches:
@@ -117,25 +124,20 @@ def decoder_throughput(make, n: int, batches, prompt: int, new_tokens: int, roun
                                    use_cache=True, pad_token_id=0)
             return fn
 
-        fns, errors = {}, {}
-        for name, model in models.items():
-            try:
-                call(model)()
-                fns[name] = call(model)
-            except Exception as error:  # a method that cannot generate is reported, not fatal
-                errors[name] = f"{type(error).__name__}: {error}"[:300]
-        times = common.interleaved_times(fns, rounds, warmup=1)
+        for name in list(models):  # one generate() each: PEFT's prefix tuning may refuse to generate here
+            _, status[name] = common.run_or_not_runnable(name, call(models[name]))
+            if status[name] != common.MEASURED:
+                del models[name]
+        times = common.interleaved_times({name: call(model) for name, model in models.items()}, rounds, warmup=1)
         tps = {k: batch * new_tokens / common.summary(v)["median"] for k, v in times.items()}
-        row = {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "tokens_per_second": tps,
-               "errors": errors}
+        row = {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "tokens_per_second": tps}
         if "ptv2" in tps and "base" in tps:
             row["ptv2_vs_base_throughput"] = tps["ptv2"] / tps["base"]
         if "ptv2" in tps and "peft_prefix" in tps:
             row["ptv2_vs_peft_prefix_throughput"] = tps["ptv2"] / tps["peft_prefix"]
         rows.append(row)
-        print(f"decoder b={batch}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tps.items()) + f" {errors or ''}",
-              flush=True)
-    return rows
+        print(f"decoder b={batch}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tps.items()), flush=True)
+    return rows, status
 
 
 def _why_missed(rows: list[dict]) -> list[str]:
@@ -158,34 +160,44 @@ def _why_missed(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _cell(values: dict, key: str, fmt: str) -> str:
+    return format(values[key], fmt) if key in values else "not runnable"
+
+
+def _status_lines(status: dict[str, str]) -> list[str]:
+    """The full reason of each row shown as "not runnable" in the table above."""
+    lines = [f"- `{name}`: {text}" for name, text in status.items() if text != common.MEASURED]
+    return lines + [""] if lines else []
+
+
 def report(result: dict, meta: dict) -> str:
     enc_rows = []
     for r in result["encoder"]:
-        lat = r["latency_seconds"]
+        lat = {name: 1000 * s["median"] for name, s in r["latency_seconds"].items()}
         verdict = ""
         if "target" in r:
             verdict = f"<= {r['target']}x: {'MET' if r['met'] else 'MISSED'}"
-        enc_rows.append([r["batch"], r["seq"], f"{1000 * lat['base']['median']:.2f}",
-                         f"{1000 * lat['ptv2']['median']:.2f}", f"{1000 * lat['peft_prefix']['median']:.2f}",
-                         f"{r['ptv2_vs_base']:.3f}", f"{r['peft_prefix_vs_base']:.3f}", verdict])
-    dec_rows = [[r["batch"], r["prompt"], r["new_tokens"]]
-                + [f"{r['tokens_per_second'][k]:.0f}" if k in r["tokens_per_second"] else "error"
-                   for k in ("base", "ptv2", "peft_prefix")]
-                + [f"{r.get('ptv2_vs_base_throughput', float('nan')):.3f}"]
+        enc_rows.append([r["batch"], r["seq"], *(_cell(lat, name, ".2f") for name in METHODS),
+                         _cell(r, "ptv2_vs_base", ".3f"), _cell(r, "peft_prefix_vs_base", ".3f"), verdict])
+    dec_rows = [[r["batch"], r["prompt"], r["new_tokens"],
+                 *(_cell(r["tokens_per_second"], name, ".0f") for name in METHODS),
+                 _cell(r, "ptv2_vs_base_throughput", ".3f")]
                 for r in result["decoder"]]
+    status = result["status"]
     lines = [
         "# Inference in PyTorch",
         "",
         f"Command: `{meta['command']}`  ",
         f"n={meta['n']} virtual tokens (projection on, ours and PEFT), {meta['rounds']} interleaved rounds, "
-        f"{meta['machine']['torch_threads']} threads on {meta['machine']['cpu_count']} CPUs, torch "
-        f"{meta['machine']['torch']}, transformers {meta['machine']['transformers']}, peft {meta['machine']['peft']}.",
+        f"{meta['machine']['torch_threads']} threads on {meta['machine']['cpu_count']} CPUs.  ",
+        *common.environment_lines(meta["machine"]),
         "",
         f"## Encoder eval forward latency ({meta['backbone']}, median ms)",
         "",
         common.markdown_table(["batch", "seq", "base", "ptv2", "peft prefix", "ptv2/base", "peft/base", "target"],
                               enc_rows),
         "",
+        *_status_lines(status["encoder"]),
         *_why_missed(result["encoder"]),
         "## Decoder generate() throughput (KV cache, greedy)",
         "",
@@ -195,10 +207,8 @@ def report(result: dict, meta: dict) -> str:
         common.markdown_table(["batch", "prompt", "new tokens", "base tok/s", "ptv2 tok/s", "peft prefix tok/s",
                                "ptv2/base"], dec_rows),
         "",
+        *_status_lines(status["decoder"]),
     ]
-    errors = {r["batch"]: r["errors"] for r in result["decoder"] if r["errors"]}
-    if errors:
-        lines.append(f"Errors: {errors}")
     return "\n".join(lines) + "\n"
 
 
@@ -226,10 +236,11 @@ def main(argv=None) -> dict:
 
         decoder_name = "Llama " + ", ".join(f"{k}={v}" for k, v in DECODER_CONFIG.items() if "token" not in k)
         batches = [1, 8]
-    result = {
-        "encoder": encoder_latency(backbone, args.n, shapes, args.rounds),
-        "decoder": decoder_throughput(make_decoder, args.n, batches, 16, args.new_tokens, max(3, args.rounds // 4)),
-    }
+    encoder, encoder_status = encoder_latency(backbone, args.n, shapes, args.rounds)
+    decoder, decoder_status = decoder_throughput(make_decoder, args.n, batches, 16, args.new_tokens,
+                                                 max(3, args.rounds // 4))
+    result = {"status": {"encoder": encoder_status, "decoder": decoder_status}, "encoder": encoder,
+              "decoder": decoder}
     meta = {"command": "python -m benchmarks.inference " + " ".join(sys.argv[1:] if argv is None else argv),
             "backbone": backbone.name, "decoder": decoder_name, "n": args.n, "rounds": args.rounds,
             "machine": common.machine()}
@@ -240,8 +251,9 @@ def main(argv=None) -> dict:
         labels = [f"b{r['batch']}s{r['seq']}" for r in result["encoder"]]
         x = range(len(labels))
         ax.bar([i - 0.2 for i in x], [r["ptv2_vs_base"] for r in result["encoder"]], width=0.4, label="ptv2 / base")
-        ax.bar([i + 0.2 for i in x], [r["peft_prefix_vs_base"] for r in result["encoder"]], width=0.4,
-               label="peft prefix / base")
+        if encoder_status["peft_prefix"] == common.MEASURED:
+            ax.bar([i + 0.2 for i in x], [r["peft_prefix_vs_base"] for r in result["encoder"]], width=0.4,
+                   label="peft prefix / base")
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks(list(x), labels)
         ax.set_ylabel("eval forward latency / base model")

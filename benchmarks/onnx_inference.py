@@ -199,8 +199,8 @@ def report(result: dict, meta: dict) -> str:
         "",
         f"Command: `{meta['command']}`  ",
         f"Backbone {meta['backbone']} (SEQ_CLS), n={meta['n']}, {meta['threads']} intra-op threads, {meta['rounds']} "
-        f"interleaved rounds, onnxruntime {meta['onnxruntime']}, torch {meta['machine']['torch']}, transformers "
-        f"{meta['machine']['transformers']}, {meta['machine']['cpu_count']} CPUs.",
+        f"interleaved rounds, {meta['machine']['cpu_count']} CPUs.  ",
+        *common.environment_lines(meta["machine"]),
         "",
         "Median latency in ms. `ours/best base` compares our best graph with the base model's best ORT graph; "
         "`plain`, `mha` and `mha+opt` are our plain graph (best of sdpa/eager, with or without the optimizer), our "
@@ -235,8 +235,6 @@ def _why_missed(result: dict) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    import onnxruntime
-
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=20)
@@ -253,7 +251,7 @@ def main(argv=None) -> dict:
         result = run(backbone, args.n, shapes, args.rounds, args.threads, work)
     meta = {"command": "python -m benchmarks.onnx_inference " + " ".join(sys.argv[1:] if argv is None else argv),
             "backbone": backbone.name, "n": args.n, "threads": args.threads, "rounds": args.rounds,
-            "onnxruntime": onnxruntime.__version__, "machine": common.machine()}
+            "machine": common.machine("onnxruntime")}
     common.write_json(out / "results.json", {"meta": meta, **result})
     common.write_atomic(out / "report.md", report(result, meta))
 

@@ -30,35 +30,43 @@ def run(methods: list[common.Method], seeds: list[int], data: common.TextData, b
     dev = common.Encoded(backbone.tokenizer, data.dev_texts, data.dev_labels)
     rows = []
     for method in methods:
-        runs = []
-        for seed in seeds:
-            common.torch.manual_seed(seed)
-            model = common.wrap(method, backbone.make())
-            cfg = common.TrainConfig(**{**train_cfg.__dict__, "seed": seed})
-            start = time.perf_counter()
-            timing = common.train(model, train, method, cfg)
-            metrics = common.evaluate(model, dev)
-            runs.append({"seed": seed, **metrics, **timing, "wall_seconds": time.perf_counter() - start})
-            log(f"{method.name} seed={seed} acc={metrics['accuracy']:.4f} "
-                f"positive_rate={metrics['predicted_positive_rate']:.2f} train_s={timing['train_seconds']:.0f}")
-        accs = [r["accuracy"] for r in runs]
-        rows.append({
-            "method": method.name,
-            "kind": method.kind,
-            "lr": method.lr,
-            "head_lr": method.head_lr,
-            "options": method.options,
-            "trainable_params": common.trainable_parameters(model),
-            "trainable_params_without_head": common.trainable_parameters(model, exclude_head=True),
-            "accuracy_mean": statistics.fmean(accs),
-            "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in runs),
-            "runs": runs,
-        })
-        del model
+        rows.append(run_method(method, seeds, train, dev, backbone, train_cfg, log))
         if on_method is not None:
             on_method(rows)  # a finished method is on disk even if a later one fails
     return rows
+
+
+def run_method(method: common.Method, seeds: list[int], train: common.Encoded, dev: common.Encoded,
+               backbone: common.Backbone, train_cfg: common.TrainConfig, log=print) -> dict:
+    """One method's row: trained and evaluated once per seed, or "not runnable" (PEFT rows the installed versions
+    refuse) without metrics."""
+    row = {"method": method.name, "kind": method.kind, "lr": method.lr, "head_lr": method.head_lr,
+           "options": method.options}
+    runs = []
+    for seed in seeds:
+        common.torch.manual_seed(seed)
+        model, status = common.build_method(method, backbone.make)
+        if model is None:
+            log(f"{method.name}: {status}")
+            return {**row, "status": status}
+        cfg = common.TrainConfig(**{**train_cfg.__dict__, "seed": seed})
+        start = time.perf_counter()
+        timing = common.train(model, train, method, cfg)
+        metrics = common.evaluate(model, dev)
+        runs.append({"seed": seed, **metrics, **timing, "wall_seconds": time.perf_counter() - start})
+        log(f"{method.name} seed={seed} acc={metrics['accuracy']:.4f} "
+            f"positive_rate={metrics['predicted_positive_rate']:.2f} train_s={timing['train_seconds']:.0f}")
+    accs = [r["accuracy"] for r in runs]
+    return {
+        **row,
+        "status": common.MEASURED,
+        "trainable_params": common.trainable_parameters(model),
+        "trainable_params_without_head": common.trainable_parameters(model, exclude_head=True),
+        "accuracy_mean": statistics.fmean(accs),
+        "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in runs),
+        "runs": runs,
+    }
 
 
 def _worker_run(method: common.Method, seeds: list[int], load: tuple, train_cfg: common.TrainConfig,
@@ -90,7 +98,7 @@ def run_parallel(methods: list[common.Method], seeds: list[int], load: tuple, tr
         for future in as_completed(futures):
             for row in future.result():
                 done[row["method"]] = row
-                print(f"{row['method']}: {100 * row['accuracy_mean']:.2f} ({len(done)}/{len(methods)} done)")
+                print(f"{row['method']}: {_outcome(row)} ({len(done)}/{len(methods)} done)")
             if on_method is not None:
                 on_method([done[name] for name in order if name in done])
     return [done[name] for name in order]
@@ -113,8 +121,22 @@ def _rates(row: dict) -> str:
     return f"{row['lr']:g}" + (f" ({row['head_lr']:g})" if row.get("head_lr") else "")
 
 
+def _outcome(row: dict) -> str:
+    return f"{100 * row['accuracy_mean']:.2f}" if common.is_measured(row) else row["status"]
+
+
+HEADERS = ["method", "lr (head lr)", "dev accuracy (mean)", "std", "trainable params", "without head", "train s (mean)"]
+
+
+def _table_row(r: dict) -> list:
+    if not common.is_measured(r):
+        return common.status_row([r["method"], _rates(r)], r["status"], len(HEADERS))
+    return [r["method"], _rates(r), f"{100 * r['accuracy_mean']:.2f}", f"{100 * r['accuracy_std']:.2f}",
+            r["trainable_params"], r["trainable_params_without_head"], f"{r['train_seconds_mean']:.0f}"]
+
+
 def report(rows: list[dict], meta: dict) -> str:
-    by_name = {r["method"]: r for r in rows}
+    by_name = {r["method"]: r for r in rows if common.is_measured(r)}
     lines = [
         "# Quality: SST-2 dev accuracy vs trainable parameters",
         "",
@@ -123,21 +145,15 @@ def report(rows: list[dict], meta: dict) -> str:
         f"train subset {meta['train_size']} (seed {common.DATA_SEED}), dev {meta['dev_size']}; "
         f"{meta['epochs']} epochs, batch {meta['batch_size']}, max length {common.MAX_LENGTH}; "
         f"seeds {meta['seeds']}.  ",
-        f"Machine: {meta['machine']['platform']}, {meta['machine']['cpu_count']} CPUs, "
-        f"torch {meta['machine']['torch']}, transformers {meta['machine']['transformers']}, "
-        f"peft {meta['machine']['peft']}.",
+        f"Machine: {meta['machine']['platform']}, {meta['machine']['cpu_count']} CPUs.  ",
+        *common.environment_lines(meta["machine"]),
         "",
-        common.markdown_table(
-            ["method", "lr (head lr)", "dev accuracy (mean)", "std", "trainable params", "without head",
-             "train s (mean)"],
-            [[r["method"], _rates(r), f"{100 * r['accuracy_mean']:.2f}", f"{100 * r['accuracy_std']:.2f}",
-              r["trainable_params"], r["trainable_params_without_head"], f"{r['train_seconds_mean']:.0f}"]
-             for r in rows],
-        ),
+        common.markdown_table(HEADERS, [_table_row(r) for r in rows]),
         "",
     ]
     full = by_name.get("full_finetune")
-    peft_prefix = [r for r in rows if r["kind"] == "peft_prefix"]
+    peft_rows = [r for r in rows if r["kind"] in common.PEFT_BASELINE_KINDS]
+    peft_prefix = [r for r in peft_rows if common.is_measured(r)]
     best_peft = max(peft_prefix, key=lambda r: r["accuracy_mean"]) if peft_prefix else None
     # The recommended recipe (prefix 1e-3, head 1e-2: ptv2_plugin.create_optimizer) and the one-rate variant.
     for name in ("ptv2_mlp_head_lr1e-2", "ptv2_mlp"):
@@ -151,6 +167,8 @@ def report(rows: list[dict], meta: dict) -> str:
             margin = 100 * (ours["accuracy_mean"] - best_peft["accuracy_mean"])
             lines.append(f"- Target `above PEFT prefix tuning` ({name} vs best PEFT prefix row "
                          f"{best_peft['method']}): {margin:+.2f} points -> {'MET' if margin > 0 else 'MISSED'}.")
+        elif ours and peft_rows:
+            lines.append(f"- Target `above PEFT prefix tuning` ({name}): {common.not_measured(meta['machine'])}.")
     lora = by_name.get("lora_r8")
     if full and lora:
         lora_gap = 100 * (full["accuracy_mean"] - lora["accuracy_mean"])
@@ -164,7 +182,7 @@ def report(rows: list[dict], meta: dict) -> str:
 
 def plot(rows: list[dict], path) -> None:
     def draw(ax):
-        for r in rows:
+        for r in filter(common.is_measured, rows):
             params = max(r["trainable_params_without_head"], 1)
             ax.errorbar(params, 100 * r["accuracy_mean"], yerr=100 * r["accuracy_std"], fmt="o", capsize=3)
             ax.annotate(r["method"], (params, 100 * r["accuracy_mean"]), fontsize=7, xytext=(4, 3),

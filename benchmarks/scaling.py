@@ -81,9 +81,9 @@ def report(rows: list[dict], meta: dict) -> str:
         "",
         f"Command: `{meta['command']}`  ",
         f"Backbone {meta['backbone']}, training batch {meta['batch']}, projection on, {meta['rounds']} rounds, "
-        f"{meta['machine']['torch_threads']} threads on {meta['machine']['cpu_count']} CPUs, torch "
-        f"{meta['machine']['torch']}, transformers {meta['machine']['transformers']}. Ratios are to n=0 (the base "
-        "model with the same full backward pass).",
+        f"{meta['machine']['torch_threads']} threads on {meta['machine']['cpu_count']} CPUs. Ratios are to n=0 (the "
+        "base model with the same full backward pass).  ",
+        *common.environment_lines(meta["machine"]),
         "",
         common.markdown_table(
             ["n", "seq", "train step ms", "x n=0", "train extra MiB", "x n=0", f"eval b{meta['batch']} ms", "x n=0",

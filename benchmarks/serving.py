@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     verdict = swap_verdict(swap, results[0]["rates"], swapped["rates"])
     ort_ratio = min(r["adapter_bound_vs_constants"] for r in ort_only)
     ort_verdict = "met" if ort_ratio >= TARGET else "NOT met"
-    payload = {"meta": {**common.machine(), "smoke": args.smoke, "requests": args.requests, "rounds": args.rounds,
+    machine = common.machine("onnxruntime")
+    payload = {"meta": {"machine": machine, "smoke": args.smoke, "requests": args.requests, "rounds": args.rounds,
                         "clients": args.clients, "n": args.n, "ort_threads": args.threads,
                         "max_wait_ms": args.max_wait_ms},
                "results": results, "swap_throughput_ratio": swap, "target": TARGET, "verdict": verdict,
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{r['adapter_bound_vs_constants']:.3f} / {r['adapter_bound_vs_constants_min']:.3f}"] for r in ort_only])
     command = " ".join(argv if argv is not None else sys.argv[1:])
     report = [
-        "# Serving many tasks from one graph", "", table, "",
+        "# Serving many tasks from one graph", "", *common.environment_lines(machine), "", table, "",
         f"Swapping prefixes (adapter graph, 1 task) vs the constants graph: {swap:.3f}x throughput (target >= "
         f"{TARGET}: {verdict}).", "",
         f"## One ONNX Runtime call, no HTTP (median and min of {args.calls} interleaved calls)", "", ort_table, "",

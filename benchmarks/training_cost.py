@@ -15,7 +15,8 @@ from benchmarks import common
 
 def measure(backbone: common.Backbone, methods: list[common.Method], batch: int, seq: int, rounds: int,
             per_round: int = 1) -> dict:
-    models = {m.name: common.wrap(m, common.frozen_base(backbone)) for m in methods}
+    built = {m.name: common.build_method(m, lambda: common.frozen_base(backbone)) for m in methods}
+    models = {name: model for name, (model, _) in built.items() if model is not None}
     vocab = next(iter(models.values())).config.vocab_size
     inputs = common.random_batch(vocab, batch, seq, labels=True)
     memory = {name: common.training_memory(model, inputs) for name, model in models.items()}
@@ -24,6 +25,7 @@ def measure(backbone: common.Backbone, methods: list[common.Method], batch: int,
     return {
         "batch": batch,
         "seq": seq,
+        "status": {name: status for name, (_, status) in built.items()},
         "trainable_params": {name: common.trainable_parameters(model) for name, model in models.items()},
         "step_seconds": {name: common.summary(t) for name, t in times.items()},
         "memory": memory,
@@ -41,40 +43,47 @@ def ratios(result: dict, ours: str = "ptv2") -> dict:
     return out
 
 
+HEADERS = ["method", "trainable params", "step ms (median)", "std ms", "saved activations MiB",
+           "peak extra MiB (activations + grads + AdamW)"]
+CHECKS = [  # (ratio, the other method, limit, target)
+    ("step", "peft_prefix", 1.0, "step time <= 1.0x PEFT prefix tuning"),
+    ("step", "lora_r8", 1.05, "step time within 5% of LoRA r=8"),
+    ("memory", "peft_prefix", 1.0, "peak memory <= PEFT prefix tuning"),
+    ("memory", "lora_r8", 1.0, "peak memory <= LoRA r=8"),
+]
+
+
+def _table_row(result: dict, name: str) -> list:
+    if result["status"][name] != common.MEASURED:
+        return common.status_row([name], result["status"][name], len(HEADERS))
+    s, memory = result["step_seconds"][name], result["memory"][name]
+    return [name, result["trainable_params"][name], f"{1000 * s['median']:.1f}", f"{1000 * s['std']:.1f}",
+            f"{common.mib(memory['activation_bytes']):.1f}", f"{common.mib(memory['peak_extra_bytes']):.1f}"]
+
+
 def report(result: dict, meta: dict) -> str:
     r = result["ratios"]
-    rows = [[name, result["trainable_params"][name], f"{1000 * s['median']:.1f}", f"{1000 * s['std']:.1f}",
-             f"{common.mib(result['memory'][name]['activation_bytes']):.1f}",
-             f"{common.mib(result['memory'][name]['peak_extra_bytes']):.1f}"]
-            for name, s in result["step_seconds"].items()]
     lines = [
         "# Training cost: step time and peak memory",
         "",
         f"Command: `{meta['command']}`  ",
         f"Backbone {meta['backbone']}, batch {result['batch']} x seq {result['seq']}, n={meta['n']} (projection on), "
         f"{meta['rounds']} interleaved rounds, {meta['machine']['torch_threads']} threads, "
-        f"{meta['machine']['cpu_count']} CPUs, torch {meta['machine']['torch']}, "
-        f"transformers {meta['machine']['transformers']}.",
+        f"{meta['machine']['cpu_count']} CPUs.  ",
+        *common.environment_lines(meta["machine"]),
         "",
-        common.markdown_table(
-            ["method", "trainable params", "step ms (median)", "std ms", "saved activations MiB",
-             "peak extra MiB (activations + grads + AdamW)"],
-            rows,
-        ),
+        common.markdown_table(HEADERS, [_table_row(result, name) for name in result["status"]]),
         "",
         "Memory is counted, not sampled: tensors autograd saves for backward plus gradient and AdamW state of the "
         "trainable parameters (frozen weights are shared by all methods and left out).",
         "",
     ]
-    checks = [
-        ("step_ptv2_vs_peft_prefix", 1.0, "step time <= 1.0x PEFT prefix tuning"),
-        ("step_ptv2_vs_lora_r8", 1.05, "step time within 5% of LoRA r=8"),
-        ("memory_ptv2_vs_peft_prefix", 1.0, "peak memory <= PEFT prefix tuning"),
-        ("memory_ptv2_vs_lora_r8", 1.0, "peak memory <= LoRA r=8"),
-    ]
-    for key, limit, text in checks:
+    for metric, other, limit, text in CHECKS:
+        key = f"{metric}_ptv2_vs_{other}"
         if key in r:
             lines.append(f"- {text}: {r[key]:.3f}x -> {'MET' if r[key] <= limit else 'MISSED'}")
+        elif result["status"].get(other, common.MEASURED) != common.MEASURED:
+            lines.append(f"- {text}: {common.not_measured(meta['machine'])}")
     memory = result["memory"]
     if r.get("memory_ptv2_vs_lora_r8", 0) > 1.0 and {"ptv2", "lora_r8"} <= set(memory):
         ours, lora = memory["ptv2"], memory["lora_r8"]

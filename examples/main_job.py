@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
         bars["export"].set_postfix_str(message[:70])
         bars["export"].update()
 
-    export_callback = ExportOnnxCallback(output_dir / "onnx", progress=export_progress)
+    # overwrite=True replaces an earlier run's export there (and nothing else: other files are refused)
+    export_callback = ExportOnnxCallback(output_dir / "onnx", overwrite=True, progress=export_progress)
     optimizer = create_optimizer(model, args.learning_rate, args.head_learning_rate, args.weight_decay)
     trainer = Trainer(
         model=model,

@@ -18,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="Base model folder (or hub id when online).")
     parser.add_argument("--adapter", required=True, help="Folder of the saved P-Tuning v2 adapter.")
-    parser.add_argument("--output", default=None, help="Output folder of the graph (created atomically).")
+    parser.add_argument("--output", default=None,
+                        help="Output folder of the graph: written beside it, then swapped in whole (never "
+                        "half-written). Optional with --adapter-file (then only the adapter file is written).")
     parser.add_argument("--prefix-as", default="constants", choices=["constants", "adapter_inputs"],
                         help="constants (default): the prefix is baked into the graph. adapter_inputs: prefix and task "
                         "head stay overridable inputs, so one deployed graph serves every adapter file of the same "
@@ -43,13 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "decoder_with_past_model.onnx).")
     parser.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
                         help="Compare PyTorch and ONNX Runtime after export and fail above --atol (default: on).")
-    parser.add_argument("--atol", type=float, default=None, help="Parity tolerance (default 1e-4; 2e-2 for float16).")
+    parser.add_argument("--atol", type=float, default=None,
+                        help="Parity tolerance, absolute part: |ort - torch| <= atol + rtol * max|torch| "
+                        "(default: per dtype and provider, exporters/onnx/tolerances.py).")
+    parser.add_argument("--rtol", type=float, default=None, help="Parity tolerance, relative part (default: likewise).")
     parser.add_argument("--fused-attention", action=argparse.BooleanOptionalAction, default="auto",
                         help="Encoders: run each prefixed attention layer as ONNX Runtime's fused "
                         "com.microsoft.MultiHeadAttention (faster; needs onnxruntime). Default: wherever it applies "
                         "(float32 encoders on transformers >= 5); --fused-attention fails if it cannot apply, "
                         "--no-fused-attention writes standard ONNX ops only.")
-    parser.add_argument("--force", action="store_true", help="Replace a non-empty output folder.")
+    parser.add_argument("--force", action="store_true",
+                        help="Replace the output folder if it holds an earlier export: a ptv2_export.json and only the "
+                        "files that export wrote. Any other non-empty folder is refused and left untouched. The new "
+                        "export is swapped in whole; the old one is kept until then.")
     return parser
 
 
@@ -70,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.output is not None:
             output = export(
                 args.adapter, args.output, base_model=args.model, task=args.task, opset=args.opset, dtype=args.dtype,
-                with_past=args.with_past, device=args.device, validate=args.validate, atol=args.atol,
+                with_past=args.with_past, device=args.device, validate=args.validate, atol=args.atol, rtol=args.rtol,
                 force=args.force, fused_attention=args.fused_attention, prefix_as=args.prefix_as,
                 prefix_capacity=args.prefix_capacity, progress=progress,
             )
@@ -82,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExportValidationError as error:
         print(f"ptv2-export: validation failed: {error}", file=sys.stderr)
         return 2
-    except (FileExistsError, FileNotFoundError, ValueError, TypeError, NotImplementedError) as error:
+    except (OSError, ValueError, TypeError, NotImplementedError) as error:  # OSError: file exists, mount point...
         print(f"ptv2-export: error: {error}", file=sys.stderr)
         return 1
     if output is not None:
@@ -102,7 +110,7 @@ def _print_report(output: Path) -> None:
     if parity:
         verdict = "OK" if parity["ok"] else "FAILED"
         print(f"Parity report: max abs diff {parity['max_abs_diff']:.3g} over {parity['cases']} comparisons "
-              f"on {parity['provider']} (atol {parity['atol']:g}) -> {verdict}")
+              f"on {parity['provider']} (atol {parity['atol']:g}, rtol {parity['rtol']:g}) -> {verdict}")
     else:
         print("Parity report: validation skipped (--no-validate).")
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
+from . import config_checks as checks
+from .config_checks import MAX_ENCODER_HIDDEN_SIZE, MAX_VIRTUAL_TOKENS
 from .registration import PEFT_TYPE_NAME, _add_peft_type_member
-
-# A prefix longer than this is almost certainly a mistake (it would dwarf every real input), not a design choice.
-MAX_VIRTUAL_TOKENS = 4096
 
 # AdamW learning rate for the default adapter (projection on) and the task head, one rate for both (HF Trainer's
 # `learning_rate`). The MLP's output layer turns one AdamW step of size lr on each weight into a change of up to
@@ -95,47 +93,31 @@ class PTuningV2Config(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
 
     def _validate(self) -> None:
-        n = self.num_virtual_tokens
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError(f"num_virtual_tokens must be an int, got {type(n).__name__} ({n!r}).")
-        if not 0 < n <= MAX_VIRTUAL_TOKENS:
-            raise ValueError(f"num_virtual_tokens must be between 1 and {MAX_VIRTUAL_TOKENS}, got {n}.")
-        if not isinstance(self.prefix_projection, bool):
-            raise TypeError(f"prefix_projection must be a bool, got {self.prefix_projection!r}.")
-        if self.encoder_hidden_size is not None and (
-            isinstance(self.encoder_hidden_size, bool)
-            or not isinstance(self.encoder_hidden_size, int)
-            or self.encoder_hidden_size <= 0
-        ):
-            raise ValueError(f"encoder_hidden_size must be a positive int or None, got {self.encoder_hidden_size!r}.")
-        if not isinstance(self.prefix_dropout, (int, float)) or not 0.0 <= self.prefix_dropout < 1.0:
+        """Every field, before use: a config may come from a file someone else wrote (see config_checks)."""
+        checks.check_int("num_virtual_tokens", self.num_virtual_tokens, 1, MAX_VIRTUAL_TOKENS)
+        if self.encoder_hidden_size is not None:
+            checks.check_int("encoder_hidden_size", self.encoder_hidden_size, 1, MAX_ENCODER_HIDDEN_SIZE)
+        if not 0.0 <= checks.check_number("prefix_dropout", self.prefix_dropout) < 1.0:
             raise ValueError(f"prefix_dropout must be in [0, 1), got {self.prefix_dropout!r}.")
-        if not isinstance(self.prefix_init_std, (int, float)) or not self.prefix_init_std > 0:
+        if not checks.check_number("prefix_init_std", self.prefix_init_std) > 0:
             raise ValueError(f"prefix_init_std must be a positive number, got {self.prefix_init_std!r}.")
+        for name in ("prefix_projection", "prefix_encoder_self_attention", "prefix_decoder_self_attention",
+                     "prefix_cross_attention", "shift_position_ids", "inference_mode"):
+            checks.check_bool(name, getattr(self, name))
+        for name in ("base_model_name_or_path", "revision", "peft_version"):
+            checks.check_optional_str(name, getattr(self, name))
+        checks.check_module_selector("target_modules", self.target_modules)
+        checks.check_module_selector("exclude_modules", self.exclude_modules)
+        checks.check_layers_to_transform(self.layers_to_transform)
+        checks.check_layers_pattern(self.layers_pattern)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern is only used together with layers_to_transform.")
-        locations = (
-            self.prefix_encoder_self_attention,
-            self.prefix_decoder_self_attention,
-            self.prefix_cross_attention,
-        )
-        if not all(isinstance(flag, bool) for flag in locations):
-            raise TypeError(
-                "prefix_encoder_self_attention, prefix_decoder_self_attention and prefix_cross_attention must be bools."
-            )
-        if not any(locations):
+        if self.modules_to_save is not None:
+            checks.check_names("modules_to_save", self.modules_to_save)
+        checks.check_auto_mapping(self.auto_mapping)
+        if not (self.prefix_encoder_self_attention or self.prefix_decoder_self_attention
+                or self.prefix_cross_attention):
             raise ValueError("All three prefix locations are switched off: the adapter would do nothing.")
-        if isinstance(self.target_modules, str) and not self.target_modules.strip():
-            raise ValueError("target_modules must not be an empty string.")
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """As PEFT's, but refuses adapter folders whose weights exist only as a pickle."""
-        from .persistence import refuse_pickled_weights
-
-        folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
-        refuse_pickled_weights(folder)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     def prefixes_location(self, location: str) -> bool:
         """Whether a prefix goes into attention modules at ``location`` (see ptv2_plugin.architectures)."""

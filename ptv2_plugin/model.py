@@ -15,6 +15,7 @@ from torch import nn
 from .architectures import KVGeometry, attention_location, default_target_modules, kv_geometry
 from .attention import ROW_ADAPTERS, register_attention_function
 from .config import PTuningV2Config
+from .config_checks import check_against_model
 from .input_checks import check_forward_inputs, tracing
 from .layer import BASE_ROW, PTuningV2Layer
 from .persistence import check_adapter_shapes
@@ -104,6 +105,7 @@ class PTuningV2Model(BaseTuner):
             raise ValueError("Only one adapter on a model may use shift_position_ids=True.")
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        check_against_model(self.peft_config[adapter_name], model.config)  # before anything is allocated
         self._pending_slots: list[KVGeometry] = []
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         config: PTuningV2Config = self.peft_config[adapter_name]

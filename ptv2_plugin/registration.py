@@ -38,7 +38,7 @@ def register() -> PeftType:
 
     from .config import PTuningV2Config
     from .model import PTuningV2Model
-    from .persistence import install_atomic_save
+    from .persistence import install_peft_wrappers
 
     with _lock:
         peft_type = _add_peft_type_member(PEFT_TYPE_NAME)
@@ -46,5 +46,5 @@ def register() -> PeftType:
             register_peft_method(
                 name=PEFT_TYPE_NAME.lower(), config_cls=PTuningV2Config, model_cls=PTuningV2Model, prefix="ptv2_"
             )
-        install_atomic_save()
+        install_peft_wrappers()
     return peft_type

@@ -38,11 +38,18 @@ def test_cli_refuses_non_empty_output_without_force(saved, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     args = ["--model", str(saved / "base"), "--adapter", str(saved / "adapter"), "--output", str(out)]
+    fast = ["--no-validate", "--no-past", "--task", "text-generation"]
     assert main(args) == 1
     assert "not empty" in capsys.readouterr().err and (out / "notes.txt").is_file()
-    assert main([*args, "--force", "--no-validate", "--no-past", "--task", "text-generation"]) == 0
+    assert main([*args, "--force", *fast]) == 1  # --force replaces an earlier export, never a user's files
+    assert "notes.txt, which no export wrote" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+    (out / "notes.txt").unlink()
+    assert main([*args, *fast]) == 0
+    capsys.readouterr()
+    assert main([*args, "--force", *fast]) == 0
     report = capsys.readouterr().out
-    assert "validation skipped" in report and not (out / "notes.txt").exists()
+    assert "validation skipped" in report
     assert json.loads((out / "ptv2_export.json").read_text())["with_past"] is False
 
 

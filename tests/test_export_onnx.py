@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,11 +25,12 @@ from exporters.onnx import (  # noqa: E402
     ORTModelForTokenClassification,
     export,
 )
+from exporters.onnx.validate import check_parity  # noqa: E402
 from ptv2_plugin import PTuningV2Config  # noqa: E402
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs  # noqa: E402
+from tests.parity import assert_parity  # noqa: E402
 from tests.tiny_models import ARCHITECTURES, DECODERS, ENCODERS, VOCAB, default_task, tiny_model  # noqa: E402
 
-ATOL = 1e-4
 N = 3
 RUNTIME = {
     "SEQ_CLS": ORTModelForSequenceClassification,
@@ -56,20 +60,40 @@ def batch(batch_size: int, length: int, *, left_pad: int = 0, right_pad: int = 0
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def without_prefix(model, **inputs):
+    """The PyTorch outputs with the adapter disabled: what a graph that lost its prefix would compute."""
+    with torch.no_grad(), model.disable_adapter():
+        return model(**inputs)
+
+
+def zero_prefix(folder: Path, target: Path) -> Path:
+    """A copy of an exported folder whose prefix initializers are all zeros (keys and values)."""
+    shutil.copytree(folder, target)
+    for path in target.glob("*.onnx"):
+        proto = onnx.load(str(path))
+        prefix = [t for t in proto.graph.initializer if t.name.startswith("ptv2.prefix.")]
+        assert prefix, path
+        for tensor in prefix:
+            array = onnx.numpy_helper.to_array(tensor)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(array), tensor.name))
+        onnx.save(proto, str(path))
+    return target
+
+
 _EXPORTS: dict = {}
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(arch, task) -> (PeftModel, folder); one export per combination for the whole module."""
+    """(arch, task, dtype) -> (PeftModel, folder); one export per combination for the whole module."""
 
-    def get(arch: str, task: str | None = None):
+    def get(arch: str, task: str | None = None, dtype: str = "float32"):
         task = task or default_task(arch)
-        if (arch, task) not in _EXPORTS:
+        if (arch, task, dtype) not in _EXPORTS:
             model = peft_model(arch, task)
-            folder = export(model, tmp_path_factory.mktemp(f"{arch}-{task}") / "onnx")
-            _EXPORTS[(arch, task)] = (model, folder)
-        return _EXPORTS[(arch, task)]
+            folder = export(model, tmp_path_factory.mktemp(f"{arch}-{task}-{dtype}") / "onnx", dtype=dtype)
+            _EXPORTS[(arch, task, dtype)] = (model, folder)
+        return _EXPORTS[(arch, task, dtype)]
 
     yield get
     _EXPORTS.clear()
@@ -89,13 +113,13 @@ def test_encoder_parity_several_shapes_with_padding(exported, arch, task):
         inputs = batch(size, length, right_pad=pad, seed=size)
         with torch.no_grad():
             reference = model(**inputs)
+        base = without_prefix(model, **inputs)
         actual = runtime(**inputs)
         for name in OUTPUTS.get(task, ("logits",)):
-            expected, got = getattr(reference, name), getattr(actual, name)
-            assert got.shape == expected.shape
-            assert (got - expected).abs().max().item() <= ATOL, (arch, task, size, length, name)
+            assert_parity(getattr(actual, name), getattr(reference, name), without_prefix=getattr(base, name),
+                          context=(arch, task, size, length, name))
     parity = json.loads((folder / "ptv2_export.json").read_text())["parity"]
-    assert parity["ok"] and parity["max_abs_diff"] <= ATOL
+    assert parity["ok"] and parity["max_abs_diff"] <= parity["worst_bound"]
 
 
 @pytest.mark.parametrize("arch", DECODERS)
@@ -108,8 +132,9 @@ def test_decoder_steps_from_empty_past(exported, arch):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             reference = model(**inputs, position_ids=positions, use_cache=True)
+        base = without_prefix(model, **inputs, position_ids=positions, use_cache=True)
         actual = runtime(**inputs, position_ids=positions)
-        assert (actual.logits - reference.logits).abs().max().item() <= ATOL
+        assert_parity(actual.logits, reference.logits, without_prefix=base.logits, context=(arch, size))
         for step in range(4):
             # the prefix never enters the cache: present holds exactly the real tokens seen so far
             assert cache_from_output(actual)[0][0].shape[2] == length + step
@@ -119,8 +144,9 @@ def test_decoder_steps_from_empty_past(exported, arch):
             step_inputs = {"input_ids": token, "attention_mask": mask, "position_ids": mask.sum(-1, keepdim=True) - 1}
             with torch.no_grad():
                 reference = model(**step_inputs, **cache_kwargs(cache_from_output(reference)), use_cache=True)
+            base = without_prefix(model, **step_inputs, **cache_kwargs(cache_from_output(base)), use_cache=True)
             actual = runtime(**step_inputs, **cache_kwargs(cache_from_output(actual)))
-            assert (actual.logits - reference.logits).abs().max().item() <= ATOL, (arch, size, step)
+            assert_parity(actual.logits, reference.logits, without_prefix=base.logits, context=(arch, size, step))
 
 
 @pytest.mark.parametrize("arch", DECODERS)
@@ -179,7 +205,9 @@ def test_metadata_and_folder_contents(exported):
     assert metadata["task"] == "CAUSAL_LM" and metadata["with_past"] is True
     assert metadata["optimum_task"] == "text-generation-with-past"
     assert {"torch", "transformers", "peft", "onnx", "onnxruntime", "ptv2_plugin"} <= set(metadata["versions"])
-    assert metadata["parity"]["ok"] is True and metadata["parity"]["max_abs_diff"] <= ATOL
+    parity = metadata["parity"]
+    assert parity["ok"] is True and (parity["atol"], parity["rtol"]) == (1e-5, 1e-4)
+    assert parity["max_abs_diff"] <= parity["worst_bound"] and parity["provider"] == "CPUExecutionProvider"
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no staging leftovers
 
 
@@ -192,7 +220,8 @@ def test_decoder_classification_and_no_past_graphs(tmp_path, arch):
     inputs = batch(2, 6, seed=3)
     with torch.no_grad():
         expected = model(**inputs).logits
-    assert (ORTModelForSequenceClassification.from_pretrained(folder)(**inputs).logits - expected).abs().max() <= ATOL
+    assert_parity(ORTModelForSequenceClassification.from_pretrained(folder)(**inputs).logits, expected,
+                  without_prefix=without_prefix(model, **inputs).logits)
 
     lm = peft_model(arch)
     folder = export(lm, tmp_path / "nopast", with_past=False)
@@ -203,10 +232,9 @@ def test_decoder_classification_and_no_past_graphs(tmp_path, arch):
     assert runtime.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0).tolist() == expected.tolist()
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
-def test_float16_export_on_cpu(tmp_path, arch):
-    model = peft_model(arch)
-    folder = export(model, tmp_path / "fp16", dtype="float16")
+@pytest.mark.parametrize("arch", ENCODERS + ["llama"])
+def test_float16_export_on_cpu(exported, arch):
+    model, folder = exported(arch, dtype="float16")
     proto = onnx.load(str(folder / "model.onnx"))
     fp16 = onnx.TensorProto.FLOAT16
     assert all(o.type.tensor_type.elem_type == fp16 for o in proto.graph.output)
@@ -215,8 +243,38 @@ def test_float16_export_on_cpu(tmp_path, arch):
     assert prefix["ptv2.prefix.0.key"].dtype == np.float16
     np.testing.assert_allclose(prefix["ptv2.prefix.0.key"].astype(np.float32), key.numpy(), atol=2e-3, rtol=1e-3)
     parity = json.loads((folder / "ptv2_export.json").read_text())["parity"]
-    assert parity["ok"] and parity["max_abs_diff"] <= 2e-2
+    assert parity["ok"] and (parity["atol"], parity["rtol"]) == (2e-3, 1e-2)
+    inputs = batch(3, 7, right_pad=0 if arch in DECODERS else 3, seed=11)
+    if arch in DECODERS:
+        inputs["position_ids"] = torch.arange(7).expand(3, 7)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    actual = RUNTIME[default_task(arch)].from_pretrained(folder)(**inputs).logits
+    assert_parity(actual, expected, without_prefix=without_prefix(model, **inputs).logits, dtype="float16")
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is untouched
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("arch", ENCODERS)
+def test_validation_fails_when_the_prefix_is_zeroed_or_dropped(exported, tmp_path, arch, dtype):
+    model, folder = exported(arch, dtype=dtype)
+    assert check_parity(model, folder).ok
+    zeroed = check_parity(model, zero_prefix(folder, tmp_path / "zeroed"))
+    assert not zeroed.ok, zeroed.lines()
+    with model.disable_adapter():  # PyTorch without the prefix against the graph with it: a dropped prefix
+        dropped = check_parity(model, folder)
+    assert not dropped.ok, dropped.lines()
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "llama"])
+def test_export_discards_a_graph_whose_prefix_was_zeroed(tmp_path, monkeypatch, arch):
+    export_module = importlib.import_module("exporters.onnx.export")  # the package's `export` is the function
+    frozen = export_module.frozen_prefix
+    monkeypatch.setattr(export_module, "frozen_prefix",
+                        lambda *args: {k: torch.zeros_like(v) for k, v in frozen(*args).items()})
+    with pytest.raises(ExportValidationError, match="discarded"):
+        export(peft_model(arch), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
@@ -240,9 +298,10 @@ def test_multi_adapter_export_selects_prefix_per_row(tmp_path, arch):
         model.set_adapter(name)
         with torch.no_grad():
             expected[name] = model(**inputs).logits
+    base = without_prefix(model, **inputs).logits
     actual = runtime(**inputs, adapter_names=rows).logits
     for row, name in enumerate(rows):
-        assert (actual[row] - expected[name][row]).abs().max() <= ATOL
+        assert_parity(actual[row], expected[name][row], without_prefix=base[row], context=(arch, row, name))
     assert not torch.allclose(expected["a"], expected["b"])
     with pytest.raises(ValueError, match="adapter_names"):
         runtime(**inputs)
@@ -267,12 +326,13 @@ def test_multi_adapter_export_with_different_prefix_lengths(tmp_path, arch):
         inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     rows = ["long", "short", "long", "short"]
     actual = runtime(**inputs, adapter_names=rows).logits
+    base = without_prefix(model, **inputs).logits
     for name in ("short", "long"):
         model.set_adapter(name)
         with torch.no_grad():
             expected = model(**inputs).logits
         for row in (i for i, row_name in enumerate(rows) if row_name == name):
-            assert (actual[row] - expected[row]).abs().max() <= ATOL, (name, row)
+            assert_parity(actual[row], expected[row], without_prefix=base[row], context=(arch, row, name))
 
 
 # ------------------------------------------------------------------------------- folders, inputs, failures
@@ -281,18 +341,26 @@ def test_output_folder_is_atomic_and_refused_unless_forced(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="not empty; pass force=True"):
         export(model, out)
-    assert (out / "keep.txt").read_text() == "user data"
+    with pytest.raises(FileExistsError, match=r"Refusing to replace .*out: it holds keep.txt, which no export wrote"):
+        export(model, out, force=True)  # force replaces only what an export wrote
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    export(model, out)  # an empty folder needs no force
+    first = (out / "model.onnx").read_bytes()
     with pytest.raises(ExportValidationError, match="discarded"):
-        export(model, out, force=True, atol=-1.0)  # impossible tolerance: validation must fail
-    assert (out / "keep.txt").read_text() == "user data"  # a failed export never touches the old folder
-    export(model, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+        export(model, out, force=True, atol=-1.0, rtol=0.0)  # impossible tolerance: validation must fail
+    assert (out / "model.onnx").read_bytes() == first  # a failed export never touches the old folder
+    export(model, out, force=True)  # an earlier export is replaced
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="it holds notes.txt"):
+        export(model, out, force=True)  # ...but not once a user's file sits in it
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.onnx").is_file()
     with pytest.raises(ExportValidationError):
-        export(model, tmp_path / "fresh", atol=-1.0)
+        export(model, tmp_path / "fresh", atol=-1.0, rtol=0.0)
     assert not (tmp_path / "fresh").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or backup folders left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, backup or lock left
 
 
 def test_export_from_adapter_folder_copies_tokenizer_and_leaves_model_intact(tmp_path):
@@ -310,7 +378,7 @@ def test_export_from_adapter_folder_copies_tokenizer_and_leaves_model_intact(tmp
     with torch.no_grad():
         expected = model(**inputs).logits
     actual = ORTModelForTokenClassification.from_pretrained(folder)(**inputs).logits
-    assert (actual - expected).abs().max() <= ATOL
+    assert_parity(actual, expected, without_prefix=without_prefix(model, **inputs).logits)
     # exporting patched nothing on the model the caller keeps using
     layers = [m for m in model.modules() if type(m).__name__ == "PTuningV2Layer"]
     assert layers and not any("prefix" in vars(layer) for layer in layers)
@@ -321,7 +389,7 @@ def test_model_in_training_mode_exports_and_stays_in_training_mode(tmp_path):
     model.train()
     folder = export(model, tmp_path / "out")
     assert model.training and all(m.training for m in model.modules())
-    assert json.loads((folder / "ptv2_export.json").read_text())["parity"]["max_abs_diff"] <= ATOL
+    assert json.loads((folder / "ptv2_export.json").read_text())["parity"]["ok"]
 
 
 def test_bad_inputs_get_clear_errors(tmp_path):

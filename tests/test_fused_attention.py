@@ -26,7 +26,8 @@ from exporters.onnx.fused_attention import (  # noqa: E402
 )
 from ptv2_plugin import PTuningV2Config  # noqa: E402
 from ptv2_plugin.attention import ActivePrefix, active_prefix  # noqa: E402
-from tests.test_export_onnx import ATOL, N, batch, peft_model  # noqa: E402
+from tests.parity import assert_parity  # noqa: E402
+from tests.test_export_onnx import N, batch, peft_model, without_prefix  # noqa: E402
 from tests.tiny_models import TRANSFORMERS_5  # noqa: E402
 
 
@@ -67,8 +68,9 @@ def test_every_prefixed_layer_is_one_fused_node_with_parity(tmp_path, arch):
     for size, length, pad in [(1, 1, {}), (1, 9, {}), (3, 6, {"right_pad": 4}), (4, 11, {"left_pad": 3})]:
         inputs = batch(size, length, seed=length, **pad)
         with torch.no_grad():
-            expected = model(**inputs).logits.numpy()
-        assert np.abs(_run(session, inputs) - expected).max() <= ATOL, (size, length, pad)
+            expected = model(**inputs).logits
+        assert_parity(_run(session, inputs), expected, without_prefix=without_prefix(model, **inputs).logits,
+                      context=(arch, size, length, pad))
 
 
 def test_fused_graph_survives_ort_transformer_optimizer(tmp_path):
@@ -86,8 +88,8 @@ def test_fused_graph_survives_ort_transformer_optimizer(tmp_path):
     assert ops.count("SkipLayerNormalization") == 4  # the rest of BERT still fuses around our attention
     inputs = batch(3, 7, right_pad=2, seed=5)
     with torch.no_grad():
-        expected = model(**inputs).logits.numpy()
-    assert np.abs(_run(_session(path), inputs) - expected).max() <= ATOL
+        expected = model(**inputs).logits
+    assert_parity(_run(_session(path), inputs), expected, without_prefix=without_prefix(model, **inputs).logits)
 
 
 def test_multi_adapter_graph_fuses_with_per_row_prefix(tmp_path):
@@ -104,8 +106,9 @@ def test_multi_adapter_graph_fuses_with_per_row_prefix(tmp_path):
         with torch.no_grad():
             expected[name] = model(**inputs).logits.numpy()
     actual = _run(_session(folder / "model.onnx"), inputs, adapter_ids=np.array([1, 0, 1]))
+    base = without_prefix(model, **inputs).logits
     for row, name in enumerate("bab"):
-        assert np.abs(actual[row] - expected[name][row]).max() <= ATOL
+        assert_parity(actual[row], expected[name][row], without_prefix=base[row], context=(row, name))
     assert not np.allclose(expected["a"], expected["b"])
 
 
@@ -123,8 +126,9 @@ def test_only_prefixed_layers_fuse(tmp_path):
     assert [n.op_type for n in graph.node].count("Softmax") == 1  # the unprefixed layer keeps its own attention
     inputs = batch(2, 5, right_pad=1)
     with torch.no_grad():
-        expected = model(**inputs).logits.numpy()
-    assert np.abs(_run(_session(folder / "model.onnx"), inputs) - expected).max() <= ATOL
+        expected = model(**inputs).logits
+    assert_parity(_run(_session(folder / "model.onnx"), inputs), expected,
+                  without_prefix=without_prefix(model, **inputs).logits)
 
 
 # ----------------------------------------------------------------------------------------------- fallbacks

@@ -13,13 +13,19 @@ import torch
 pytest.importorskip("onnxruntime")
 
 from exporters.cli import main as cli_main  # noqa: E402
-from exporters.onnx import PrefixAdapterMismatch, export, export_prefix_adapter, load  # noqa: E402
+from exporters.onnx import (  # noqa: E402
+    PrefixAdapterMismatch,
+    check_output_dir,
+    export,
+    export_prefix_adapter,
+    load,
+)
 from ptv2_plugin import PTuningV2Config  # noqa: E402
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs  # noqa: E402
+from tests.parity import assert_parity  # noqa: E402
 from tests.test_export_onnx import batch, peft_model  # noqa: E402
 from tests.tiny_models import tiny_model  # noqa: E402
 
-ATOL = 1e-4
 ADAPTERS = ("a", "b", "c")
 CASES = {"bert": "SEQ_CLS", "llama": "CAUSAL_LM"}
 
@@ -57,11 +63,12 @@ def deployed(tmp_path_factory):
 
 
 def assert_close(reference: torch.Tensor, actual: torch.Tensor, without_prefix: torch.Tensor, what: str,
-                 atol: float = ATOL) -> None:
-    error = (reference - actual).abs().max().item()
+                 dtype: str = "float32") -> None:
+    """ONNX Runtime within the exporter's parity tolerance for ``dtype`` (``tests.parity``, which also requires the
+    tolerance and the error to be well below the prefix's effect)."""
     effect = (reference - without_prefix).abs().max().item()
     assert effect > 1e-2, f"{what}: the adapter barely changes the output ({effect:.3g}); the test proves nothing"
-    assert error <= atol and error < 0.05 * effect, f"{what}: error {error:.3g} (prefix effect {effect:.3g})"
+    assert_parity(actual, reference, without_prefix=without_prefix, dtype=dtype, context=what)
 
 
 def torch_logits(model, name: str | None, **inputs) -> torch.Tensor:
@@ -71,6 +78,18 @@ def torch_logits(model, name: str | None, **inputs) -> torch.Tensor:
                 return model(**inputs).logits
         model.set_adapter(name)
         return model(**inputs).logits
+
+
+def test_swappable_graph_is_an_ordinary_export(deployed):
+    """A prefix_as='adapter_inputs' folder goes through the same atomic swap, tolerance-based validation and
+    written_files bookkeeping as any export, so --force can replace it later and nothing else."""
+    _, folder, _ = deployed("bert")
+    metadata = json.loads((folder / "ptv2_export.json").read_text())
+    assert metadata["prefix_as"] == "adapter_inputs" and metadata["base_fingerprint"]
+    assert metadata["parity"]["ok"] and metadata["parity"]["rtol"] > 0
+    assert sorted(metadata["written_files"]) == sorted(p.name for p in folder.iterdir())
+    check_output_dir(folder, force=True)  # an earlier export and nothing else: replaceable
+    assert not [p for p in folder.parent.iterdir() if ".ptv2-new-" in p.name or ".ptv2-old-" in p.name]
 
 
 @pytest.mark.parametrize("io_binding", [False, True])
@@ -89,7 +108,7 @@ def test_encoder_each_adapter_file_matches_pytorch(deployed, io_binding):
         assert_close(torch_logits(model, name, **inputs), outputs[name], without, f"bert adapter {name}")
     assert (outputs["b"] - outputs["c"]).abs().max() > 1e-2  # adapters really swap
     default = runtime(**inputs).logits  # no adapter: the graph's own (exported) adapter "a"
-    assert (default - outputs["a"]).abs().max() <= ATOL
+    assert_parity(default, outputs["a"], context="bert graph's own adapter")
 
 
 def test_decoder_each_adapter_with_past_and_generate(deployed):
@@ -179,7 +198,8 @@ def test_cli_writes_an_adapter_file(tmp_path):
     runtime = load(tmp_path / "graph")
     runtime.load_prefix_adapter(out, "sst2")
     inputs = batch(2, 5, seed=2)
-    assert (runtime(**inputs, adapter="sst2").logits - torch_logits(model, "default", **inputs)).abs().max() <= ATOL
+    assert_parity(runtime(**inputs, adapter="sst2").logits, torch_logits(model, "default", **inputs),
+                  without_prefix=torch_logits(model, None, **inputs), context="cli adapter file")
     import onnxruntime as ort
 
     tensors = ort.AdapterFormat.read_adapter(str(out)).get_parameters()
@@ -198,7 +218,7 @@ def test_float16_graph_takes_float16_adapter_files_only(tmp_path):
     inputs = batch(2, 5, seed=3)
     expected = torch_logits(model, "b", **inputs)
     assert_close(expected, runtime(**inputs, adapter="b").logits.float(), torch_logits(model, None, **inputs),
-                 "float16 adapter b", atol=2e-2)
+                 "float16 adapter b", dtype="float16")
     with pytest.raises(PrefixAdapterMismatch, match="float32 .* the graph takes float16"):
         runtime.load_prefix_adapter(export_prefix_adapter(model, tmp_path / "b32.onnx_adapter", adapter_name="b"))
 

@@ -19,6 +19,7 @@ pytest.importorskip("onnxruntime")
 from examples.serve import Job, Limits, Metrics, ServiceHTTPServer, TaskBatcher, build_service  # noqa: E402
 from exporters.onnx import export, export_prefix_adapter  # noqa: E402
 from tests.child_process import run_python  # noqa: E402
+from tests.parity import assert_parity  # noqa: E402
 from tests.test_prefix_adapters import several_adapters  # noqa: E402
 
 TASKS = ("sst2", "topic", "nli")
@@ -112,7 +113,7 @@ def test_concurrent_classification_over_tasks_matches_pytorch(tmp_path, serving)
             ids = torch.tensor([tokenizer(text)["input_ids"]])
             with torch.no_grad():
                 expected = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
-            assert (torch.tensor(logits) - expected).abs().max() <= 1e-4, (task, text)
+            assert_parity(torch.tensor(logits), expected, context=(task, text))
             assert label == int(expected.argmax())
 
     status, metrics = client.call("/metrics")

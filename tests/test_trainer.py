@@ -7,6 +7,7 @@ feature that silently stops training (or reloading) the prefix fails here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -267,3 +268,112 @@ def test_export_onnx_callback_exports_the_best_adapter(tmp_path, arch):
     with torch.no_grad():
         expected = model.eval()(**inputs).logits
     torch.testing.assert_close(torch.as_tensor(ort_model(**inputs).logits), expected, atol=1e-4, rtol=0)
+
+
+def files_under(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_callback_refuses_the_trainers_output_dir_before_any_checkpoint_is_lost(tmp_path):
+    from ptv2_plugin import ExportOnnxCallback
+
+    run = tmp_path / "run"
+    model = peft_model()
+    args = training_args(run, max_steps=2, save_strategy="steps", save_steps=1)
+    Trainer(model=model, args=args, train_dataset=ToyDataset()).train()
+    before = files_under(run)
+    assert any(name.startswith("checkpoint-2/") for name in before)
+    with pytest.raises(ValueError, match=r"export folder .*run is the Trainer's output_dir .*delete the checkpoints"):
+        Trainer(model=model, args=args, train_dataset=ToyDataset(), callbacks=[ExportOnnxCallback(run, overwrite=True)])
+    # Added after the Trainer was built, a folder containing output_dir is caught when training begins.
+    trainer = Trainer(model=model, args=training_args(run, max_steps=3, save_strategy="steps", save_steps=1),
+                      train_dataset=ToyDataset())
+    trainer.add_callback(ExportOnnxCallback(tmp_path, overwrite=True))
+    with pytest.raises(ValueError, match="or contains it"):
+        trainer.train(resume_from_checkpoint=True)
+    assert files_under(run) == before
+
+
+def test_export_callback_refuses_a_busy_folder_when_the_trainer_is_built(tmp_path):
+    from ptv2_plugin import ExportOnnxCallback
+
+    target = tmp_path / "onnx"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    args = training_args(tmp_path / "run")
+    with pytest.raises(FileExistsError, match=r"not empty; pass ExportOnnxCallback\(\.\.\., overwrite=True\)"):
+        Trainer(model=peft_model(), args=args, callbacks=[ExportOnnxCallback(target)])
+    with pytest.raises(FileExistsError, match="it holds notes.txt, which no export wrote"):
+        Trainer(model=peft_model(), args=args, callbacks=[ExportOnnxCallback(target, overwrite=True)])
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+
+
+def test_failed_export_is_logged_and_reported_and_the_run_goes_on(tmp_path, caplog):
+    from exporters.onnx import ExportValidationError
+    from ptv2_plugin import ExportOnnxCallback
+
+    model = peft_model()
+    callback = ExportOnnxCallback(tmp_path / "onnx", atol=-1.0)  # an impossible tolerance: the export's check fails
+    trainer = Trainer(model=model, args=training_args(tmp_path / "run"), train_dataset=ToyDataset(),
+                      callbacks=[callback])
+    with caplog.at_level(logging.ERROR, logger="ptv2_plugin.callbacks"):
+        trainer.train()
+    assert f"export to {tmp_path / 'onnx'} failed" in caplog.text and "onnx-export-report.json" in caplog.text
+    report = json.loads((tmp_path / "onnx-export-report.json").read_text())
+    assert report["ok"] is False and report["error"].startswith("ExportValidationError")
+    assert callback.report_path == tmp_path / "onnx-export-report.json" and not (tmp_path / "onnx").exists()
+    trainer.save_model(str(tmp_path / "adapter"))  # the user's code after train() still runs
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    strict = ExportOnnxCallback(tmp_path / "strict", atol=-1.0, strict=True)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "run2"), train_dataset=ToyDataset(),
+                      callbacks=[strict])
+    with pytest.raises(ExportValidationError, match="discarded"):
+        trainer.train()
+
+
+def test_real_batch_mismatch_is_reported_inside_the_export(tmp_path, caplog, monkeypatch):
+    import exporters.onnx as onnx_exporter
+    from ptv2_plugin import ExportOnnxCallback
+
+    real_load = onnx_exporter.load
+
+    def shifted_load(folder):  # an ONNX Runtime model whose logits are off by 0.5
+        ort_model = real_load(folder)
+
+        def run(**inputs):
+            output = ort_model(**inputs)
+            output.logits = output.logits + 0.5
+            return output
+
+        return run
+
+    monkeypatch.setattr(onnx_exporter, "load", shifted_load)
+    callback = ExportOnnxCallback(tmp_path / "onnx")
+    args = training_args(tmp_path / "run", max_steps=2, eval_strategy="steps", eval_steps=1)
+    trainer = Trainer(model=peft_model(), args=args, train_dataset=ToyDataset(), eval_dataset=ToyDataset(16, seed=1),
+                      callbacks=[callback])
+    with caplog.at_level(logging.ERROR, logger="ptv2_plugin.callbacks"):
+        trainer.train()
+    from exporters.onnx.tolerances import default_tolerance
+
+    tolerance = default_tolerance("float32")
+    assert f"differs from PyTorch by 0.5, beyond {tolerance.describe()}, on real evaluation batches" in caplog.text
+    report = json.loads((tmp_path / "onnx" / "ptv2_validation_report.json").read_text())
+    assert report["ok"] is False and report["device"] == "cpu"
+    assert report["max_abs_diff"] == pytest.approx(0.5, abs=1e-4)  # the shift plus the (float32) parity error
+    assert (report["atol"], report["rtol"]) == (tolerance.atol, tolerance.rtol)
+    onnx_exporter.check_output_dir(tmp_path / "onnx", force=True)  # the report counts as the export's own file
+
+
+def test_cpu_copy_is_float32_eval_and_leaves_the_model_alone():
+    from ptv2_plugin.callbacks import cpu_copy
+
+    model = peft_model().to(torch.bfloat16).train()
+    copy = cpu_copy(model)
+    assert not copy.training and model.training
+    assert all(p.dtype == torch.float32 for p in copy.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    for (name, original), (_, copied) in zip(model.named_parameters(), copy.named_parameters()):
+        assert copied is not original and copied.requires_grad == original.requires_grad, name
+        torch.testing.assert_close(copied, original.float(), atol=0, rtol=0)

@@ -14,15 +14,20 @@ SEQ2SEQ = ["t5", "bart"]
 ARCHITECTURES = ENCODERS + DECODERS  # encoder-only and decoder-only; SEQ2SEQ are tested separately
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+# Encoders' heads start at initializer_range 0.02 and emit logits of order 0.01, on which a prefix moves the output by
+# ~1e-4: below any sensible parity tolerance, so a graph that lost its prefix would pass. At 0.2 logits are of order
+# 1 and the prefix moves them by ~0.1 (decoders and seq2seq models already are at that scale).
+_ENCODER_INIT = dict(initializer_range=0.2)
 _GQA = dict(num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 CONFIG_KWARGS: dict[str, dict] = {
-    "bert": dict(_COMMON, max_position_embeddings=64),
-    "roberta": dict(_COMMON, max_position_embeddings=70, pad_token_id=1),
-    "xlm-roberta": dict(_COMMON, max_position_embeddings=70, pad_token_id=1),
-    "electra": dict(_COMMON, embedding_size=16, max_position_embeddings=64),
+    "bert": dict(_COMMON, **_ENCODER_INIT, max_position_embeddings=64),
+    "roberta": dict(_COMMON, **_ENCODER_INIT, max_position_embeddings=70, pad_token_id=1),
+    "xlm-roberta": dict(_COMMON, **_ENCODER_INIT, max_position_embeddings=70, pad_token_id=1),
+    "electra": dict(_COMMON, **_ENCODER_INIT, embedding_size=16, max_position_embeddings=64),
     "deberta-v2": dict(
         _COMMON,
+        **_ENCODER_INIT,
         max_position_embeddings=64,
         relative_attention=True,
         pos_att_type=["p2c", "c2p"],
@@ -31,9 +36,11 @@ CONFIG_KWARGS: dict[str, dict] = {
         position_biased_input=False,
         pad_token_id=0,
     ),
-    "distilbert": dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64),
+    "distilbert": dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
+                       **_ENCODER_INIT),
     "modernbert": dict(
         _COMMON,
+        **_ENCODER_INIT,
         max_position_embeddings=64,
         global_attn_every_n_layers=2,
         local_attention=4,

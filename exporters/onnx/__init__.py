@@ -1,8 +1,9 @@
 """ONNX export of P-Tuning v2 models (prefix frozen into the graph, or swappable per call as ONNX Runtime adapter
 files) and ONNX Runtime models to serve them.
 
-The export side (``export``, ``export_prefix_adapter``: the tracer, torch.onnx) is imported on first use, so a
-server that only loads graphs and adapter files (``load``, ``ORTModelFor*``) never imports it.
+The export side (``export``, ``export_prefix_adapter``, ``check_output_dir``, ``ExportValidationError``: the
+tracer, torch.onnx) is imported on first use, so a server that only loads graphs and adapter files (``load``,
+``ORTModelFor*``) never imports it.
 """
 
 import sys
@@ -17,8 +18,10 @@ from .layout import (
     METADATA_FILE_NAME,
     ONNX_FILE_NAME,
     PREFIX_INITIALIZER,
+    VALIDATION_REPORT_FILE_NAME,
 )
 from .prefix_adapters import PrefixAdapterMismatch
+from .providers import CPU, cuda_provider_options
 from .runtime import (
     ORTModel,
     ORTModelForCausalLM,
@@ -31,8 +34,10 @@ from .runtime import (
     load,
     swappable_session_options,
 )
+from .tolerances import resolve_tolerance
 
-_EXPORT_SIDE = {"export": ".export", "ExportValidationError": ".export", "export_prefix_adapter": ".adapter_export"}
+_EXPORT_SIDE = {"export": ".export", "ExportValidationError": ".export", "check_output_dir": ".export",
+                "export_prefix_adapter": ".adapter_export"}
 
 
 class _ExportSideOnDemand(types.ModuleType):
@@ -51,12 +56,14 @@ sys.modules[__name__].__class__ = _ExportSideOnDemand
 
 
 __all__ = [
+    "CPU",
     "DECODER_FILE_NAME",
     "DECODER_WITH_PAST_FILE_NAME",
     "ENCODER_FILE_NAME",
     "METADATA_FILE_NAME",
     "ONNX_FILE_NAME",
     "PREFIX_INITIALIZER",
+    "VALIDATION_REPORT_FILE_NAME",
     "ExportValidationError",
     "ORTModel",
     "ORTModelForCausalLM",
@@ -66,7 +73,10 @@ __all__ = [
     "ORTModelForSequenceClassification",
     "ORTModelForTokenClassification",
     "PrefixAdapterMismatch",
+    "check_output_dir",
     "create_session",
+    "cuda_provider_options",
+    "resolve_tolerance",
     "export",
     "export_prefix_adapter",
     "load",

@@ -21,8 +21,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -32,17 +30,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptv2_plugin.atomic_folder import replace_folder
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 
 from . import layout as L
 from .adapter_tensors import base_fingerprint, frozen_prefix, prefix_visibility, swappable_extras
+from .float16 import convert_to_float16
 from .fused_attention import FUSED_OP, count_fused, fused_prefix_attention, parse_option, unsupported_reason
+from .providers import CPU, CUDA
+from .tolerances import resolve_tolerance
 from .tracing import eval_mode, graph_arguments, heads_as_inputs, heads_from_feed, prefix_from_feed, traceable_masks
 
 logger = logging.getLogger(__name__)
 
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a serialized graph at 2 GB: weights go to a side file above this
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
-DEFAULT_ATOL = {torch.float32: 1e-4, torch.float16: 2e-2}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
     "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "chat_template.jinja",
@@ -77,10 +79,13 @@ def export(
     adapters: Sequence[str] | None = None,
     validate: bool = True,
     atol: float | None = None,
+    rtol: float | None = None,
+    tf32: bool = False,
     force: bool = False,
     fused_attention: bool | str = "auto",
     prefix_as: str = "constants",
     prefix_capacity: int | None = None,
+    tokenizer: Any = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write ``model.onnx`` (prefix frozen in), ``config.json``, tokenizer files and ``ptv2_export.json``.
@@ -90,8 +95,16 @@ def export(
 
     ``model`` is a ``PeftModel`` with a P-Tuning v2 adapter, or the path of a saved adapter (then ``base_model`` is
     the base model or its path; default: the adapter config's ``base_model_name_or_path``). ``adapters`` exports
-    several adapters into one graph with an ``adapter_ids`` input selecting each row's prefix. The folder appears
-    atomically, only after the export (and, with ``validate``, the parity check) succeeded.
+    several adapters into one graph with an ``adapter_ids`` input selecting each row's prefix. ``tokenizer`` (a
+    tokenizer or processor) is saved beside the graph when neither source folder holds tokenizer files.
+
+    The folder is written beside ``output_dir`` and swapped in whole (``ptv2_plugin.atomic_folder``), only after the
+    export (and, with ``validate``, the parity check) succeeded. ``force=True`` replaces only what an export wrote:
+    an empty folder or an earlier export whose files are all listed in its ``ptv2_export.json``; anything else
+    raises ``FileExistsError`` and stays as it was (``check_output_dir``).
+
+    Validation passes when every output satisfies ``max|ort - torch| <= atol + rtol * max|torch|``; ``atol`` and
+    ``rtol`` default per dtype and provider (``tolerances.py``). On CUDA it runs with TF32 off unless ``tf32=True``.
 
     ``fused_attention``: encoder graphs run each prefixed self-attention layer as ONNX Runtime's fused
     ``com.microsoft.MultiHeadAttention`` (prefix in front of its keys/values), which ORT's own optimizer cannot
@@ -109,7 +122,7 @@ def export(
     """
     say = progress or logger.info
     output_dir = Path(output_dir)
-    _check_output_dir(output_dir, force)
+    check_output_dir(output_dir, force)
     torch_dtype = _parse_dtype(dtype)
     opset = int(opset or L.DEFAULT_OPSET)
     peft_model, source_dirs = _resolve_model(model, base_model, task, say)
@@ -126,9 +139,7 @@ def export(
     _check_model_kind(peft_model, task)
     fused = _resolve_fused(parse_option(fused_attention), task, peft_model, torch_dtype, say)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
+    with replace_folder(output_dir, before_swap=lambda: check_output_dir(output_dir, force)) as staging:
         say(f"Preparing {type(peft_model.base_model.model).__name__} ({task}, adapters {names}, {dtype}, {device})")
         work = _working_copy(peft_model, torch.device(device))
         inner = work.base_model.model
@@ -170,6 +181,8 @@ def export(
         copied = _copy_tokenizer(source_dirs, staging)
         if copied:
             say(f"Copied tokenizer files: {', '.join(copied)}")
+        elif tokenizer is not None:
+            tokenizer.save_pretrained(staging)
 
         metadata = _metadata(peft_model, names, multi, task, graphs, files, opset, dtype, torch.device(device))
         metadata["prefix_as"] = prefix_as
@@ -178,28 +191,26 @@ def export(
         metadata["fused_attention"] = {"op": f"com.microsoft.{FUSED_OP}", "layers": fused_layers} if fused_layers \
             else None
         metadata_path = staging / L.METADATA_FILE_NAME
+        metadata["written_files"] = sorted({p.name for p in staging.iterdir()} | {L.METADATA_FILE_NAME})
         metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
         if validate:
             from .validate import check_parity
 
-            provider = "CUDAExecutionProvider" if torch.device(device).type == "cuda" else "CPUExecutionProvider"
-            tolerance = atol if atol is not None else DEFAULT_ATOL[torch_dtype]
-            say(f"Validating against PyTorch on {provider} (atol {tolerance:g})")
+            provider = CUDA if torch.device(device).type == "cuda" else CPU
+            tolerance = resolve_tolerance(torch_dtype, provider, atol=atol, rtol=rtol, tf32=tf32)
+            say(f"Validating against PyTorch on {provider} ({tolerance.describe()}{', TF32 on' if tf32 else ''})")
             with eval_mode(work):
-                report = check_parity(work, staging, names if multi else None, provider=provider, atol=tolerance)
+                report = check_parity(work, staging, names if multi else None, provider=provider,
+                                      tolerance=tolerance, tf32=tf32)
             metadata["parity"] = report.as_dict()
             for line in report.lines():
                 say(line)
             if not report.ok:
                 raise ExportValidationError(
-                    f"ONNX Runtime output differs from PyTorch by {report.max_abs_diff:.3g} > atol {tolerance:g} "
-                    f"(worst case: {report.worst}). The export was discarded."
+                    f"ONNX Runtime output differs from PyTorch beyond {tolerance.describe()}: {report.worst_detail()}. "
+                    "The export was discarded."
                 )
             metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
-        _move_into_place(staging, output_dir, force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     say(f"Export done: {output_dir}")
     return output_dir
 
@@ -255,11 +266,47 @@ def _parse_dtype(dtype: Any) -> torch.dtype:
     raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}.")
 
 
-def _check_output_dir(output_dir: Path, force: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
+def check_output_dir(output_dir: str | os.PathLike, force: bool, option: str = "force=True (--force)") -> None:
+    """Refuse an output folder unless it is missing, empty, or (with ``force``) an earlier export and nothing else.
+
+    An earlier export is recognised by its ``ptv2_export.json``; every entry of the folder must be a file that
+    export listed as written (or the callback's validation report), so a user's file inside it is never deleted.
+    ``option`` is how the caller's user spells ``force`` in the messages.
+    """
+    output_dir = Path(output_dir)
+    if os.path.lexists(output_dir) and not output_dir.is_dir():
         raise FileExistsError(f"Output path {output_dir} exists and is not a folder.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
-        raise FileExistsError(f"Output folder {output_dir} is not empty; pass force=True (--force) to replace it.")
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return
+    if not force:
+        raise FileExistsError(
+            f"Output folder {output_dir} is not empty; pass {option} to replace an earlier export there."
+        )
+    foreign = foreign_entries(output_dir)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"Refusing to replace {output_dir}: it holds {shown}, which no export wrote. {option} only "
+            f"replaces an empty folder or an earlier export (a folder with {L.METADATA_FILE_NAME} and only the files "
+            "it lists). Nothing was changed; move those files or choose another output folder."
+        )
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Entries of ``folder`` that no export wrote there (all of them when it holds no readable export metadata)."""
+    try:
+        metadata = json.loads((folder / L.METADATA_FILE_NAME).read_text())
+        written = metadata.get("written_files")
+        if written is None:  # exports made before the list was recorded: the names an export writes
+            graphs = list(metadata["files"])
+            written = [*graphs, *(g + "_data" for g in graphs), "config.json", "generation_config.json",
+                       *TOKENIZER_FILES]
+        if not isinstance(written, list) or not all(isinstance(name, str) for name in written):
+            raise TypeError("written_files is not a list of names")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return sorted(e.name for e in os.scandir(folder))
+    ours = {*written, L.METADATA_FILE_NAME, L.VALIDATION_REPORT_FILE_NAME}
+    return sorted(e.name for e in os.scandir(folder) if e.name not in ours or not e.is_file(follow_symlinks=False))
 
 
 def _resolve_model(model: Any, base_model: Any, task: str | None, say) -> tuple[Any, list[Path]]:
@@ -333,8 +380,9 @@ def _resolve_adapters(peft_model, adapter_name: str | None, adapters: Sequence[s
 def _working_copy(peft_model, device: torch.device):
     """The model to trace, in float32: the caller's own when nothing changes, else a copy (theirs stays intact).
 
-    float16 graphs are converted from the float32 trace (ONNX Runtime's converter keeps precision-sensitive ops in
-    float32); tracing a half-precision model records dtype casts that differ between PyTorch kernels and versions.
+    float16 graphs are converted from the float32 trace in mixed precision (``float16.py``: norms, softmax and the
+    attention scores stay float32); tracing a half-precision model records dtype casts that differ between PyTorch
+    kernels and versions.
     """
     reference = next(peft_model.parameters())
     if reference.dtype == torch.float32 and reference.device == device:
@@ -518,11 +566,9 @@ def _finalize_graph(traced: Path, path: Path, prefix: dict[str, torch.Tensor], d
     proto.graph.input.extend(kept)
     for name, tensor in prefix.items():
         proto.graph.initializer.append(numpy_helper.from_array(tensor.cpu().numpy(), name))
-    external = sum(len(t.raw_data) for t in proto.graph.initializer) > 1_800_000_000  # protobuf caps at 2 GB
+    external = sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
     if dtype == torch.float16:
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        proto = convert_float_to_float16(proto, keep_io_types=False, disable_shape_infer=external)
+        proto = convert_to_float16(proto, external_path=traced.with_name("float32-" + path.name) if external else None)
     onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=path.name + "_data" if external else None)
     onnx.checker.check_model(str(path))
@@ -584,21 +630,3 @@ def _metadata(peft_model, names, multi, task, graphs, files, opset, dtype, devic
         },
         "parity": None,
     }
-
-
-def _move_into_place(staging: Path, output_dir: Path, force: bool) -> None:
-    """Rename the finished folder into place; a replaced folder is removed only after the rename succeeded."""
-    old = None
-    if output_dir.exists():
-        if any(output_dir.iterdir()) and not force:  # appeared while we were exporting
-            raise FileExistsError(f"Output folder {output_dir} is not empty; pass force=True to replace it.")
-        old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        output_dir.rename(old)
-    try:
-        staging.rename(output_dir)
-    except BaseException:
-        if old is not None:
-            old.rename(output_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

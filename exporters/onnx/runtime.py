@@ -2,8 +2,9 @@
 
 For transformers 5 users Optimum has no runtime; on 4.57 these folders also load in Optimum's ``ORTModelFor*``
 (encoder-decoder folders in its ``ORTModelForSeq2SeqLM``, non-merged layout).
-On CUDA, inputs and outputs go through IOBinding and a decoder's cache stays on the device between steps
-(``OrtValue``s bound back as the next step's past), so only logits cross to the host.
+On CUDA, inputs and outputs go through IOBinding, bound to the session's ``device_id``, and a decoder's cache stays
+on the device between steps (``OrtValue``s bound back as the next step's past), so only logits cross to the host:
+in ``generate``, and in ``forward`` when it is given ``OrtValue``s (or ``cache_on_device=True``).
 """
 
 from __future__ import annotations
@@ -21,24 +22,32 @@ from ptv2_plugin.transformers_compat import cache_kwargs
 
 from . import layout as L
 from .prefix_adapters import PrefixAdapter, read_prefix_adapter
+from .providers import CPU, CUDA, missing_provider_message, warn_on_wheel_clash
+
+warn_on_wheel_clash()  # two onnxruntime wheels in one folder: say so at import, before CUDA silently goes missing
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                  "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
-def create_session(path: str | Path, provider: str = "CPUExecutionProvider", *, session_options=None,
+def create_session(path: str | Path, provider: str = CPU, *, session_options=None,
                    provider_options: Mapping[str, Any] | None = None):
-    """An InferenceSession that really runs on ``provider``: ORT's silent fallback to CPU is turned into an error."""
+    """An InferenceSession that really runs on ``provider``: ORT's silent fallback to CPU is turned into an error
+    that says which onnxruntime is active and how to fix it."""
     import onnxruntime as ort
 
+    if provider not in ort.get_available_providers():
+        raise RuntimeError(missing_provider_message(provider, ort))
     providers: list = [(provider, dict(provider_options or {}))]
-    if provider != "CPUExecutionProvider":
-        providers.append("CPUExecutionProvider")  # for the few ops a GPU provider leaves to the CPU
+    if provider != CPU:
+        providers.append(CPU)  # for the few ops a GPU provider leaves to the CPU
     session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
     if provider not in session.get_providers():
         raise RuntimeError(
             f"ONNX Runtime could not start {provider} (available: {ort.get_available_providers()}, session uses "
-            f"{session.get_providers()}). For CUDA install onnxruntime-gpu with a matching CUDA/cuDNN."
+            f"{session.get_providers()}): the CUDA or cuDNN libraries onnxruntime-gpu {ort.__version__} needs were not "
+            "found. Install the matching CUDA/cuDNN, or call onnxruntime.preload_dlls() (onnxruntime-gpu >= 1.21) to "
+            "load those of the nvidia-* pip packages PyTorch uses."
         )
     return session
 
@@ -55,7 +64,8 @@ class ORTModel:
         self.model_dir = Path(model_dir)
         self.metadata = metadata or {}
         self.provider = session.get_providers()[0]
-        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        self.device = "cuda" if self.provider == CUDA else "cpu"
+        self.device_id = int(session.get_provider_options().get(self.provider, {}).get("device_id", 0))
         self.use_io_binding = self.device == "cuda" if use_io_binding is None else bool(use_io_binding)
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
@@ -68,7 +78,7 @@ class ORTModel:
             )
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, provider: str = "CPUExecutionProvider", *,
+    def from_pretrained(cls, model_dir: str | Path, provider: str = CPU, *,
                         session_options=None, provider_options: Mapping[str, Any] | None = None,
                         use_io_binding: bool | None = None, file_name: str = L.ONNX_FILE_NAME):
         from transformers import AutoConfig
@@ -93,7 +103,7 @@ class ORTModel:
         geometry is refused. Costs one file read and (on CUDA) one copy to the device; the session is untouched, so
         adapters can be added or replaced while others are served. Returns the name (default: the adapter's own).
         """
-        adapter = read_prefix_adapter(path, name, self.session, self.metadata, self.device)
+        adapter = read_prefix_adapter(path, name, self.session, self.metadata, self.device, self.device_id)
         self.prefix_adapters[adapter.name] = adapter
         return adapter.name
 
@@ -156,7 +166,7 @@ class ORTModel:
         ``adapter`` names a loaded prefix adapter to bind for this run (default: the graph's own prefix)."""
         prefix = self._prefix_adapter(adapter) if adapter is not None else None
         if not self.use_io_binding:
-            arrays = {k: (v.numpy() if hasattr(v, "device_name") else v) for k, v in feed.items()}
+            arrays = {k: (v.numpy() if _is_ort_value(v) else v) for k, v in feed.items()}
             options = prefix.run_options if prefix is not None else None
             return dict(zip(self.output_names, self.session.run(None, arrays, options)))
         binding = self.session.io_binding()
@@ -164,12 +174,12 @@ class ORTModel:
             for name, value in prefix.values.items():
                 binding.bind_ortvalue_input(name, value)
         for name, value in feed.items():
-            if hasattr(value, "device_name"):  # an OrtValue, possibly already on the device
+            if _is_ort_value(value):  # an OrtValue, possibly already on the device
                 binding.bind_ortvalue_input(name, value)
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self.output_names:
-            binding.bind_output(name, self.device)
+            binding.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
         return {name: value if name in keep_on_device else value.numpy()
@@ -190,6 +200,10 @@ def swappable_session_options(intra_op_threads: int = 0):
     options.log_severity_level = 3
     options.intra_op_num_threads = intra_op_threads
     return options
+
+
+def _is_ort_value(value) -> bool:
+    return hasattr(value, "device_name")
 
 
 def _to_numpy(value, dtype) -> np.ndarray:
@@ -260,18 +274,25 @@ class ORTModelForCausalLM(ORTModel):
         self.generation_config = _generation_config(self.model_dir, self.config)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
-                past_key_values=None, adapter: str | None = None, **kwargs):
+                past_key_values=None, cache_on_device: bool | None = None, adapter: str | None = None, **kwargs):
         """One pass, like the PyTorch model's forward. The cache comes as ``cache`` (transformers >= 5.24) or
-        ``past_key_values`` (earlier releases) and is returned under the name the installed transformers uses."""
+        ``past_key_values`` (earlier releases) and is returned under the name the installed transformers uses.
+
+        With IOBinding (CUDA), a cache of ``OrtValue``s is bound as is and the new cache comes back as ``OrtValue``s
+        on the same device, so a decoding loop never copies the cache to the host; ``cache_on_device`` (default:
+        whether the given cache holds ``OrtValue``s) asks for that explicitly, e.g. on the first step."""
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         past_key_values = _one_cache(cache, past_key_values)
         feed, keep = self._decoder_feed(input_ids, attention_mask, position_ids, past_key_values, **kwargs)
-        out = self._run(feed, adapter=adapter)
+        if cache_on_device is None:
+            cache_on_device = any(_is_ort_value(value) for value in _flatten_past(past_key_values) or ())
+        on_device = bool(cache_on_device) and self.use_io_binding and self.can_use_cache and use_cache is not False
+        out = self._run(feed, keep_on_device=keep if on_device else (), adapter=adapter)
         logits = torch.from_numpy(out["logits"])
         past = None
         if self.can_use_cache and use_cache is not False:
-            flat = [torch.from_numpy(np.asarray(out[name])) for name in self.present_names]
+            flat = [out[name] if on_device else torch.from_numpy(np.asarray(out[name])) for name in self.present_names]
             past = tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
         return CausalLMOutputWithPast(logits=logits, **cache_kwargs(past))
 
@@ -304,7 +325,7 @@ class ORTModelForCausalLM(ORTModel):
                     f"past_key_values holds {len(past_flat)} tensors; the graph takes {len(self.past_names)}."
                 )
             for name, value in zip(self.past_names, past_flat):
-                feed[name] = value if hasattr(value, "device_name") else _to_numpy(value, self._past_dtype)
+                feed[name] = value if _is_ort_value(value) else _to_numpy(value, self._past_dtype)
         return feed, self.present_names
 
     # ------------------------------------------------------------------------------------------------ generate
@@ -367,7 +388,7 @@ class ORTModelForSeq2SeqLM:
         self.self_present_names = [n for n in self.present_names if ".decoder." in n]
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, provider: str = "CPUExecutionProvider", *, session_options=None,
+    def from_pretrained(cls, model_dir: str | Path, provider: str = CPU, *, session_options=None,
                         provider_options: Mapping[str, Any] | None = None, use_io_binding: bool | None = None,
                         use_cache: bool = True):
         from transformers import AutoConfig
@@ -455,7 +476,7 @@ class ORTModelForSeq2SeqLM:
             feed = {"input_ids": ids, "encoder_attention_mask": mask}
             dtype = part.input_dtypes[self.past_names[0]]
             for name, value in zip(self.past_names, past):
-                feed[name] = value if hasattr(value, "device_name") else _to_numpy(value, dtype)
+                feed[name] = value if _is_ort_value(value) else _to_numpy(value, dtype)
         if L.ADAPTER_IDS_INPUT in part.input_names:
             feed[L.ADAPTER_IDS_INPUT] = part._adapter_ids(adapter["adapter_ids"], adapter["adapter_names"],
                                                           ids.shape[0])
@@ -477,7 +498,7 @@ class ORTModelForSeq2SeqLM:
         if not to_torch:
             return flat
         tensors = [v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(
-            v.numpy() if hasattr(v, "device_name") else v)) for v in flat]
+            v.numpy() if _is_ort_value(v) else v)) for v in flat]
         return tuple(tuple(tensors[i : i + 4]) for i in range(0, len(tensors), 4))
 
     # ------------------------------------------------------------------------------------------------ generate
@@ -688,7 +709,7 @@ TASK_TO_CLASS = {
 }
 
 
-def load(model_dir: str | Path, provider: str = "CPUExecutionProvider", **kwargs) -> ORTModel | ORTModelForSeq2SeqLM:
+def load(model_dir: str | Path, provider: str = CPU, **kwargs) -> ORTModel | ORTModelForSeq2SeqLM:
     """The right ``ORTModelFor*`` for an exported folder, read from its metadata."""
     metadata_path = Path(model_dir) / L.METADATA_FILE_NAME
     if not metadata_path.is_file():

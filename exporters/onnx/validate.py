@@ -8,6 +8,8 @@ adapter is compared with PyTorch running that adapter.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,10 @@ import torch
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 
 from . import layout as L
-from .export import build_layout, sample_inputs
+from .export import build_layout, flatten_cache, sample_inputs
+from .providers import CPU, CUDA, cuda_provider_options
+from .runtime import load
+from .tolerances import Tolerance, default_tolerance
 
 ENCODER_SHAPES = ((1, 4), (2, 7), (3, 11))
 DECODER_SHAPES = ((1, 3), (3, 6))
@@ -25,58 +30,122 @@ DECODE_STEPS = 3
 SEQ2SEQ_SHAPES = ((1, 4, 1), (3, 7, 3))  # batch, encoder length, decoder length of the first pass
 
 
+@dataclass(frozen=True)
+class ParityCase:
+    name: str
+    diff: float  # max |PyTorch - ONNX Runtime|
+    reference_max: float  # max |PyTorch|, which scales the allowed difference
+
+
 @dataclass
 class ParityReport:
-    atol: float
+    tolerance: Tolerance
     provider: str
-    cases: list[tuple[str, float]] = field(default_factory=list)
+    cases: list[ParityCase] = field(default_factory=list)
+    tf32: bool = False  # CUDA float32 MatMuls were allowed TF32 (on both sides)
+
+    @property
+    def atol(self) -> float:
+        return self.tolerance.atol
 
     @property
     def max_abs_diff(self) -> float:
-        return max((d for _, d in self.cases), default=0.0)
+        return max((c.diff for c in self.cases), default=0.0)
+
+    def _ratio(self, case: ParityCase) -> float:
+        """How much of its allowance a case uses (above 1: failed)."""
+        bound = self.tolerance.bound(case.reference_max)
+        return case.diff / bound if bound > 0 else float("inf")
+
+    @property
+    def worst_case(self) -> ParityCase | None:
+        return max(self.cases, key=self._ratio) if self.cases else None
 
     @property
     def worst(self) -> str:
-        return max(self.cases, key=lambda c: c[1])[0] if self.cases else "-"
+        return self.worst_case.name if self.cases else "-"
 
     @property
     def ok(self) -> bool:
-        return bool(self.cases) and self.max_abs_diff <= self.atol
+        return bool(self.cases) and all(self.tolerance.allows(c.diff, c.reference_max) for c in self.cases)
 
     def add(self, case: str, reference: torch.Tensor, actual: torch.Tensor) -> None:
         if reference.shape != actual.shape:
             raise AssertionError(f"{case}: ONNX output shape {tuple(actual.shape)} != PyTorch {tuple(reference.shape)}")
-        diff = (reference.detach().float().cpu() - actual.float()).abs().max().item() if reference.numel() else 0.0
-        self.cases.append((case, float(diff)))
+        if not reference.numel():
+            self.cases.append(ParityCase(case, 0.0, 0.0))
+            return
+        expected = reference.detach().float().cpu()
+        got = torch.as_tensor(actual).float()
+        diff = (expected - got).abs().max().item()
+        if not torch.isfinite(got).all():
+            diff = float("inf")  # NaN compares false with any bound; inf fails it explicitly
+        self.cases.append(ParityCase(case, float(diff), float(expected.abs().max().item())))
 
     def as_dict(self) -> dict:
-        return {"max_abs_diff": self.max_abs_diff, "atol": self.atol, "provider": self.provider, "ok": self.ok,
-                "cases": len(self.cases), "worst_case": self.worst}
+        worst = self.worst_case
+        return {"max_abs_diff": self.max_abs_diff, "atol": self.tolerance.atol, "rtol": self.tolerance.rtol,
+                "provider": self.provider, "tf32": self.tf32, "ok": self.ok, "cases": len(self.cases),
+                "worst_case": self.worst, "worst_diff": worst.diff if worst else 0.0,
+                "worst_bound": self.tolerance.bound(worst.reference_max) if worst else 0.0}
+
+    def worst_detail(self) -> str:
+        worst = self.worst_case
+        if worst is None:
+            return "no comparisons"
+        allowed = self.tolerance.bound(worst.reference_max)
+        return (f"worst: {worst.name}, |diff| {worst.diff:.3g} vs allowed {allowed:.3g} "
+                f"(max|torch| {worst.reference_max:.3g})")
 
     def lines(self) -> list[str]:
         status = "OK" if self.ok else "FAILED"
         return [
             f"Parity ({self.provider}, {len(self.cases)} comparisons): max |PyTorch - ONNX Runtime| = "
-            f"{self.max_abs_diff:.3g} (atol {self.atol:g}) -> {status}; worst: {self.worst}"
+            f"{self.max_abs_diff:.3g} ({self.tolerance.describe()}) -> {status}; {self.worst_detail()}"
         ]
 
 
 def check_parity(model, folder: str | Path, adapters: list[str] | None = None, *,
-                 provider: str = "CPUExecutionProvider", atol: float = 1e-4) -> ParityReport:
-    from .runtime import load
+                 provider: str = CPU, tolerance: Tolerance | None = None,
+                 tf32: bool = False) -> ParityReport:
+    """Compare ``model`` (PyTorch, float32) with the exported ``folder`` on ONNX Runtime ``provider``.
 
-    ort_model = load(folder, provider)
-    report = ParityReport(atol=atol, provider=provider)
+    ``tolerance`` defaults to the one for the folder's dtype and ``provider``. On CUDA, TF32 is off on both sides
+    unless ``tf32``: ONNX Runtime's CUDA provider enables it by default, and its rounding alone can exceed a float32
+    tolerance, rejecting good exports (or, with a loose tolerance, hiding real differences).
+    """
+    if tolerance is None:
+        tolerance = default_tolerance(_folder_dtype(folder), provider, tf32=tf32)
+    options = cuda_provider_options(tf32=tf32) if provider == CUDA else None
+    ort_model = load(folder, provider, provider_options=options)
+    report = ParityReport(tolerance=tolerance, provider=provider, tf32=tf32 and provider == CUDA)
     names = adapters or [None]
-    for index, name in enumerate(names):
-        with _active_adapter(model, name), torch.no_grad():
-            if ort_model.task == "SEQ_2_SEQ_LM":
-                _check_seq2seq(model, ort_model, report, index if adapters else None, name)
-            elif ort_model.task == "CAUSAL_LM":
-                _check_decoder(model, ort_model, report, index if adapters else None, name)
-            else:
-                _check_encoder(model, ort_model, report, index if adapters else None, name)
+    with torch_tf32(tf32):
+        for index, name in enumerate(names):
+            with _active_adapter(model, name), torch.no_grad():
+                if ort_model.task == "SEQ_2_SEQ_LM":
+                    _check_seq2seq(model, ort_model, report, index if adapters else None, name)
+                elif ort_model.task == "CAUSAL_LM":
+                    _check_decoder(model, ort_model, report, index if adapters else None, name)
+                else:
+                    _check_encoder(model, ort_model, report, index if adapters else None, name)
     return report
+
+
+def _folder_dtype(folder: str | Path) -> str:
+    metadata = Path(folder) / L.METADATA_FILE_NAME
+    return json.loads(metadata.read_text()).get("dtype", "float32") if metadata.is_file() else "float32"
+
+
+@contextmanager
+def torch_tf32(enabled: bool) -> Iterator[None]:
+    """PyTorch's float32 CUDA matmuls with (``high``) or without (``highest``) TF32 while comparing; restored after."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 @contextmanager
@@ -136,8 +205,6 @@ def _check_decoder(model, ort_model, report: ParityReport, adapter_id, name) -> 
             actual = ort_model(**step_inputs, **cache_kwargs(ort_past), adapter_ids=_ids(adapter_id, batch))
             report.add(f"{tag}logits batch={batch} len={length} step={step + 1}", reference.logits, actual.logits)
             torch_past, ort_past = cache_from_output(reference), cache_from_output(actual)
-        from .export import flatten_cache
-
         expected = flatten_cache(torch_past)
         got = [t for pair in ort_past for t in pair]
         report.add(f"{tag}present batch={batch} len={length}", torch.stack([t.float() for t in expected]),
