@@ -1,4 +1,5 @@
-"""``ptv2-export``: export a base model plus a P-Tuning v2 adapter to ONNX, like ``optimum-cli export onnx``."""
+"""``ptv2-export``: export a base model plus a P-Tuning v2 adapter to ONNX, like ``optimum-cli export onnx``; or write
+the adapter alone as an ONNX Runtime adapter file for a graph exported with ``--prefix-as adapter_inputs``."""
 
 from __future__ import annotations
 
@@ -17,8 +18,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="Base model folder (or hub id when online).")
     parser.add_argument("--adapter", required=True, help="Folder of the saved P-Tuning v2 adapter.")
-    parser.add_argument("--output", required=True,
-                        help="Output folder: written beside it, then swapped in whole (never half-written).")
+    parser.add_argument("--output", default=None,
+                        help="Output folder of the graph: written beside it, then swapped in whole (never "
+                        "half-written). Optional with --adapter-file (then only the adapter file is written).")
+    parser.add_argument("--prefix-as", default="constants", choices=["constants", "adapter_inputs"],
+                        help="constants (default): the prefix is baked into the graph. adapter_inputs: prefix and task "
+                        "head stay overridable inputs, so one deployed graph serves every adapter file of the same "
+                        "base (see --adapter-file).")
+    parser.add_argument("--prefix-capacity", type=int, default=None,
+                        help="With --prefix-as adapter_inputs: room for prefixes of up to this many tokens, so "
+                        "adapters of different lengths share the graph; pass the same value with --adapter-file.")
+    parser.add_argument("--adapter-file", default=None,
+                        help="Write the adapter as an ONNX Runtime adapter file (e.g. sst2.onnx_adapter, plus a .json "
+                        "sidecar naming its base model and geometry) for a graph exported with --prefix-as "
+                        "adapter_inputs. With --output as well, both are written.")
     parser.add_argument("--task", default=None,
                         help="SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION, CAUSAL_LM or SEQ_2_SEQ_LM (or "
                         "Optimum's names, e.g. text-classification, text2text-generation). Default: the adapter's "
@@ -49,27 +62,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .onnx import ExportValidationError, export
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.output is None and args.adapter_file is None:
+        parser.error("pass --output (a graph folder), --adapter-file (an adapter file), or both")
+    from .onnx import ExportValidationError, export, export_prefix_adapter
 
     started = time.monotonic()
 
     def progress(message: str) -> None:
         print(f"[ptv2-export {time.monotonic() - started:6.1f}s] {message}", flush=True)
 
+    output = None
     try:
-        output = export(
-            args.adapter, args.output, base_model=args.model, task=args.task, opset=args.opset, dtype=args.dtype,
-            with_past=args.with_past, device=args.device, validate=args.validate, atol=args.atol, rtol=args.rtol,
-            force=args.force, fused_attention=args.fused_attention, progress=progress,
-        )
+        if args.output is not None:
+            output = export(
+                args.adapter, args.output, base_model=args.model, task=args.task, opset=args.opset, dtype=args.dtype,
+                with_past=args.with_past, device=args.device, validate=args.validate, atol=args.atol, rtol=args.rtol,
+                force=args.force, fused_attention=args.fused_attention, prefix_as=args.prefix_as,
+                prefix_capacity=args.prefix_capacity, progress=progress,
+            )
+        if args.adapter_file is not None:
+            written = export_prefix_adapter(args.adapter, args.adapter_file, base_model=args.model, task=args.task,
+                                            dtype=args.dtype, prefix_capacity=args.prefix_capacity,
+                                            force=args.force)
+            progress(f"Wrote prefix adapter file {written} (+ {written.name}.json)")
     except ExportValidationError as error:
         print(f"ptv2-export: validation failed: {error}", file=sys.stderr)
         return 2
     except (OSError, ValueError, TypeError, NotImplementedError) as error:  # OSError: file exists, mount point...
         print(f"ptv2-export: error: {error}", file=sys.stderr)
         return 1
-    _print_report(output)
+    if output is not None:
+        _print_report(output)
     return 0
 
 

@@ -325,6 +325,20 @@ def test_missed_targets_come_with_their_reasons():
     assert "only 1.50x faster" in "\n".join(onnx_inference._why_missed({"shapes": shapes}))
 
 
+def test_serving_smoke(tmp_path):
+    from benchmarks import serving
+
+    serving.main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--work-dir", str(tmp_path)])
+    result = _read(tmp_path, "onnxruntime")
+    rows = {r["config"]: r for r in result["results"]}
+    assert [r["tasks"] for r in result["results"]] == [1, 1, 1, 4, 16]
+    assert rows["constants graph, 1 task"]["vs_constants_graph"] == 1.0
+    assert all(r["requests_per_s"] > 0 and r["latency_ms"]["count"] == 24 for r in rows.values())
+    assert result["target"] == 0.95 and result["verdict"] and result["ort_verdict"] in ("met", "NOT met")
+    assert [r["batch"] for r in result["ort_swap_cost"]] == [1, 8]
+    assert list(tmp_path.iterdir()) and not any(p.name.startswith("tmp") for p in tmp_path.iterdir())
+
+
 def test_the_reports_name_the_lock_that_pins_transformers_5_23():
     lock = (common.ROOT / common.BENCHMARK_LOCK).read_text().splitlines()
     assert f"transformers=={common.BENCHMARK_LOCK_TRANSFORMERS}" in lock and "peft==0.21.2" in lock

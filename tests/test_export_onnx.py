@@ -269,9 +269,9 @@ def test_validation_fails_when_the_prefix_is_zeroed_or_dropped(exported, tmp_pat
 @pytest.mark.parametrize("arch", ["distilbert", "llama"])
 def test_export_discards_a_graph_whose_prefix_was_zeroed(tmp_path, monkeypatch, arch):
     export_module = importlib.import_module("exporters.onnx.export")  # the package's `export` is the function
-    frozen = export_module._frozen_prefix
-    monkeypatch.setattr(export_module, "_frozen_prefix",
-                        lambda model, names: {k: torch.zeros_like(v) for k, v in frozen(model, names).items()})
+    frozen = export_module.frozen_prefix
+    monkeypatch.setattr(export_module, "frozen_prefix",
+                        lambda *args: {k: torch.zeros_like(v) for k, v in frozen(*args).items()})
     with pytest.raises(ExportValidationError, match="discarded"):
         export(peft_model(arch), tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -305,9 +305,34 @@ def test_multi_adapter_export_selects_prefix_per_row(tmp_path, arch):
     assert not torch.allclose(expected["a"], expected["b"])
     with pytest.raises(ValueError, match="adapter_names"):
         runtime(**inputs)
-    model.add_adapter("c", PTuningV2Config(task_type=task, num_virtual_tokens=N + 1))
-    with pytest.raises(ValueError, match="num_virtual_tokens"):
-        export(model, tmp_path / "bad", adapters=["a", "c"])
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_multi_adapter_export_with_different_prefix_lengths(tmp_path, arch):
+    """Prefixes of 3 and 6 tokens share one graph: padded to 6, the padding masked per row, so every row matches
+    PyTorch running its adapter alone (the export's own parity check also steps decoders with past per adapter)."""
+    task = default_task(arch)
+    model = peft_model(arch, name="short")
+    torch.manual_seed(2)
+    model.add_adapter("long", PTuningV2Config(task_type=task, num_virtual_tokens=2 * N, prefix_init_std=1.0))
+    model.eval()
+    folder = export(model, tmp_path / "multi", adapters=["short", "long"])
+    metadata = json.loads((folder / "ptv2_export.json").read_text())
+    assert metadata["num_virtual_tokens"] == 2 * N and metadata["parity"]["ok"]
+    assert metadata["num_virtual_tokens_per_adapter"] == {"short": N, "long": 2 * N}
+    runtime = RUNTIME[task].from_pretrained(folder)
+    inputs = batch(4, 6, **({"left_pad": 2} if task == "CAUSAL_LM" else {"right_pad": 2}), seed=5)
+    if task == "CAUSAL_LM":
+        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    rows = ["long", "short", "long", "short"]
+    actual = runtime(**inputs, adapter_names=rows).logits
+    base = without_prefix(model, **inputs).logits
+    for name in ("short", "long"):
+        model.set_adapter(name)
+        with torch.no_grad():
+            expected = model(**inputs).logits
+        for row in (i for i, row_name in enumerate(rows) if row_name == name):
+            assert_parity(actual[row], expected[row], without_prefix=base[row], context=(arch, row, name))
 
 
 # ------------------------------------------------------------------------------- folders, inputs, failures

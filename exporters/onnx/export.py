@@ -34,11 +34,12 @@ from ptv2_plugin.atomic_folder import replace_folder
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 
 from . import layout as L
+from .adapter_tensors import base_fingerprint, frozen_prefix, prefix_visibility, swappable_extras
 from .float16 import convert_to_float16
 from .fused_attention import FUSED_OP, count_fused, fused_prefix_attention, parse_option, unsupported_reason
 from .providers import CPU, CUDA
 from .tolerances import resolve_tolerance
-from .tracing import eval_mode, graph_arguments, heads_from_feed, prefix_from_feed, traceable_masks
+from .tracing import eval_mode, graph_arguments, heads_as_inputs, heads_from_feed, prefix_from_feed, traceable_masks
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ def export(
     tf32: bool = False,
     force: bool = False,
     fused_attention: bool | str = "auto",
+    prefix_as: str = "constants",
+    prefix_capacity: int | None = None,
     tokenizer: Any = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
@@ -108,6 +111,14 @@ def export(
     recover once a prefix is concatenated. ``"auto"`` (default) uses it wherever it applies and logs why not
     elsewhere; ``True`` fails with the reason when it cannot apply to every prefixed layer; ``False`` writes plain
     ONNX ops only (for runtimes without ORT's contrib ops).
+
+    ``prefix_as``: ``"constants"`` (default) bakes the prefix in. ``"adapter_inputs"`` keeps the prefix and the task
+    head as overridable inputs (initializers that are also graph inputs, defaulting to this adapter), so one deployed
+    graph serves every adapter of the same base: write each with ``export_prefix_adapter`` and bind it per call
+    (``ORTModel.load_prefix_adapter``). Single-adapter decoder-only and encoder graphs only. ``prefix_capacity``
+    (with ``"adapter_inputs"``) gives the prefix room for up to that many tokens, so adapters of different lengths
+    share the graph: their files are padded to it (``export_prefix_adapter(..., prefix_capacity=...)``) and a
+    ``ptv2.prefix.length`` input masks the padding (attention then runs as plain ops, not the fused kernel).
     """
     say = progress or logger.info
     output_dir = Path(output_dir)
@@ -118,6 +129,9 @@ def export(
     task = _resolve_task(peft_model, task)
     names = _resolve_adapters(peft_model, adapter_name, adapters)
     multi = adapters is not None
+    swappable = _resolve_prefix_as(prefix_as, multi, task)
+    if prefix_capacity is not None and not swappable:
+        raise ValueError("prefix_capacity applies to prefix_as='adapter_inputs' graphs only.")
     if with_past is None:
         with_past = task in GENERATIVE_TASKS
     if with_past and task not in GENERATIVE_TASKS:
@@ -130,7 +144,11 @@ def export(
         work = _working_copy(peft_model, torch.device(device))
         inner = work.base_model.model
         graphs = build_layouts(inner.config, task, with_past)
-        prefix = _frozen_prefix(peft_model, names)
+        prefix = frozen_prefix(peft_model, names, prefix_capacity)
+        extras = swappable_extras(peft_model, names[0], prefix_capacity) if swappable else {}  # length, task heads
+        visible = prefix_visibility(peft_model, names)
+        if visible is not None:
+            say(f"Prefix lengths differ ({visible.sum(-1).tolist()}): padded to {visible.shape[1]}, masked per row")
         say(f"Tracing with torch.onnx (TorchScript exporter, opset {opset})")
         (staging / "trace").mkdir()
         files, fused_layers = {}, 0
@@ -140,17 +158,19 @@ def export(
                 from .seq2seq import part_slots, trace_part
 
                 slots = part_slots(inner, names[0], graph.part)
-                trace_part(inner, graph, prefix, slots, names, multi, traced, opset, torch.device(device))
+                trace_part(inner, graph, prefix, slots, names, multi, traced, opset, torch.device(device), visible)
                 wanted = [L.PREFIX_INITIALIZER.format(slot=s, kind=kind) for s in slots for kind in ("key", "value")]
                 used = {name: prefix[name] for name in wanted}
             else:
                 slots = list(range(len(prefix) // 2))
-                skipped = _trace(inner, graph, prefix, names, multi, traced, opset, torch.device(device), fused)
-                used = prefix
-            fused_here = _finalize_graph(traced, staging / file_name, used, torch_dtype)
+                skipped = _trace(inner, graph, prefix, names, multi, traced, opset, torch.device(device), fused,
+                                 extras, visible)
+                used = {**prefix, **extras}
+            fused_here = _finalize_graph(traced, staging / file_name, used, torch_dtype, overridable=swappable)
             fused_layers += fused_here
             files[file_name] = slots
-            say(f"Wrote {file_name}: prefix stored as {len(used)} initializers, no prefix inputs")
+            kind = "overridable inputs (defaults: this adapter)" if swappable else "initializers, no prefix inputs"
+            say(f"Wrote {file_name}: prefix{' and task head' if extras else ''} stored as {len(used)} {kind}")
             if fused and not graph.part:
                 _check_fused(fused, fused_here, len(slots), skipped, say)
         shutil.rmtree(staging / "trace")
@@ -165,6 +185,9 @@ def export(
             tokenizer.save_pretrained(staging)
 
         metadata = _metadata(peft_model, names, multi, task, graphs, files, opset, dtype, torch.device(device))
+        metadata["prefix_as"] = prefix_as
+        metadata["prefix_capacity"] = prefix_capacity
+        metadata["base_fingerprint"] = base_fingerprint(peft_model) if swappable else None
         metadata["fused_attention"] = {"op": f"com.microsoft.{FUSED_OP}", "layers": fused_layers} if fused_layers \
             else None
         metadata_path = staging / L.METADATA_FILE_NAME
@@ -193,6 +216,22 @@ def export(
 
 
 # ------------------------------------------------------------------------------------------------ resolution
+def _resolve_prefix_as(prefix_as: str, multi: bool, task: str) -> bool:
+    """True for a swappable-prefix graph; the combinations it does not cover fail here, before any tracing."""
+    if prefix_as not in L.PREFIX_AS:
+        raise ValueError(f"prefix_as must be one of {L.PREFIX_AS}, got {prefix_as!r}.")
+    if prefix_as == "constants":
+        return False
+    if multi:
+        raise ValueError("prefix_as='adapter_inputs' makes one single-adapter graph whose prefix is swapped per call; "
+                         "a multi-adapter graph (adapters=[...]) selects prefixes per row instead. Pass one or the "
+                         "other.")
+    if task == "SEQ_2_SEQ_LM":
+        raise NotImplementedError("prefix_as='adapter_inputs' is not supported for encoder-decoder (SEQ_2_SEQ_LM) "
+                                  "exports yet; use prefix_as='constants'.")
+    return True
+
+
 def _resolve_fused(option: bool | str, task: str, peft_model, dtype: torch.dtype, say) -> bool | str:
     """``option`` when the fused op can serve this export, else False (logged; an error for ``True``)."""
     if option is False:
@@ -335,9 +374,6 @@ def _resolve_adapters(peft_model, adapter_name: str | None, adapters: Sequence[s
             raise ValueError(f"No adapter named {name!r}; available: {sorted(peft_model.peft_config)}.")
         if str(config.peft_type) != PEFT_TYPE_NAME and getattr(config.peft_type, "value", None) != PEFT_TYPE_NAME:
             raise ValueError(f"Adapter {name!r} is a {config.peft_type} adapter; only P-Tuning v2 can be exported.")
-    lengths = {peft_model.peft_config[n].num_virtual_tokens for n in names}
-    if len(lengths) > 1:
-        raise ValueError(f"Adapters {names} have different num_virtual_tokens {sorted(lengths)}; one graph needs one.")
     return names
 
 
@@ -390,27 +426,12 @@ def _num_layers(config) -> int:
     return int(text.num_hidden_layers)
 
 
-def _frozen_prefix(peft_model, names: list[str]) -> dict[str, torch.Tensor]:
-    """Initializer name -> tensor; with several adapters each slot stacks them along a new first axis."""
-    per_adapter = [peft_model.base_model.prefix_encoder(name).all_key_values() for name in names]
-    slots = {len(kv) for kv in per_adapter}
-    if len(slots) > 1:
-        raise ValueError(f"Adapters {names} prefix different numbers of layers; one graph needs the same layers.")
-    prefix = {}
-    for slot in range(len(per_adapter[0])):
-        for index, kind in enumerate(("key", "value")):
-            tensors = [kv[slot][index].detach().to("cpu", torch.float32) for kv in per_adapter]
-            tensor = tensors[0] if len(names) == 1 else torch.stack(tensors)
-            prefix[L.PREFIX_INITIALIZER.format(slot=slot, kind=kind)] = tensor.contiguous()
-    return prefix
-
-
 # --------------------------------------------------------------------------------------------------- tracing
 class _ExportWrapper(nn.Module):
     """Positional graph inputs -> model call -> flat outputs; the prefix arrives as trailing inputs."""
 
     def __init__(self, model: nn.Module, graph: L.GraphLayout, feed, multi: bool, num_slots: int,
-                 fused_trace=None) -> None:
+                 fused_trace=None, extra_names: Sequence[str] = ()) -> None:
         super().__init__()
         self.fused_trace = fused_trace
         self.model = model
@@ -418,6 +439,7 @@ class _ExportWrapper(nn.Module):
         self.feed = feed
         self.multi = multi
         self.num_slots = num_slots
+        self.extra_names = list(extra_names)
 
     def forward(self, *args: torch.Tensor):
         graph = self.graph
@@ -425,7 +447,11 @@ class _ExportWrapper(nn.Module):
         rest = list(args[len(graph.inputs) :])
         if self.multi:
             self.feed.adapter_ids = rest.pop(0)
-        self.feed.keys, self.feed.values = rest[0::2], rest[1::2]
+        prefix, extra = rest[: 2 * self.num_slots], rest[2 * self.num_slots :]
+        self.feed.keys, self.feed.values = prefix[0::2], prefix[1::2]
+        extras = dict(zip(self.extra_names, extra))
+        self.feed.length = extras.pop(L.PREFIX_LENGTH, None)
+        self.feed.heads = extras
         if self.fused_trace is not None:
             self.fused_trace.attention_mask = inputs.get("attention_mask")
         past = [inputs.pop(name) for name in graph.past_names]
@@ -493,19 +519,26 @@ def _kv_shape(model: nn.Module, device: torch.device) -> tuple[int, int]:
 
 
 def _trace(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.Tensor], names: list[str], multi: bool,
-           path: Path, opset: int, device: torch.device, fused: bool | str = False) -> list[str]:
-    """Trace one graph; returns why layers were not fused (empty when all were, or fusion is off)."""
+           path: Path, opset: int, device: torch.device, fused: bool | str = False,
+           extras: dict[str, torch.Tensor] | None = None, visible: torch.Tensor | None = None) -> list[str]:
+    """Trace one graph; returns why layers were not fused (empty when all were, or fusion is off). ``extras``
+    (swappable export) are the prefix length (with a capacity) and the task head's parameters, traced as inputs
+    after the prefix."""
+    extras = extras or {}
+    heads = {name: tensor for name, tensor in extras.items() if name != L.PREFIX_LENGTH}
     dtype = next(inner.parameters()).dtype
     generator = torch.Generator().manual_seed(0)
     kv_shape = _kv_shape(inner, device) if graph.with_past else None
     example = sample_inputs(inner.config, graph, kv_shape=kv_shape, device=device, dtype=dtype, generator=generator)
-    args, input_names, dynamic_axes = graph_arguments(example, graph, prefix, len(names) if multi else 0, device)
-    with prefix_from_feed(inner, names) as feed, traceable_masks(), eval_mode(inner), torch.no_grad(), \
+    args, input_names, dynamic_axes = graph_arguments(example, graph, {**prefix, **extras},
+                                                      len(names) if multi else 0, device)
+    with prefix_from_feed(inner, names, visible) as feed, traceable_masks(), eval_mode(inner), torch.no_grad(), \
             warnings.catch_warnings(), (heads_from_feed(inner, names, feed) if multi else nullcontext()), \
+            (heads_as_inputs(inner, names[0], feed) if heads else nullcontext()), \
             fused_prefix_attention(bool(fused), inner) as fused_trace:
         # Shape-dependent Python branches the tracer warns about are covered by the parity check across shapes.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        wrapper = _ExportWrapper(inner, graph, feed, multi, len(prefix) // 2, fused_trace).eval()
+        wrapper = _ExportWrapper(inner, graph, feed, multi, len(prefix) // 2, fused_trace, list(extras)).eval()
         torch.onnx.export(
             wrapper, tuple(args), str(path), dynamo=False, opset_version=opset, input_names=input_names,
             output_names=graph.outputs, dynamic_axes=dynamic_axes, do_constant_folding=True,
@@ -514,8 +547,11 @@ def _trace(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.Tenso
     return fused_trace.skipped if fused_trace is not None else []
 
 
-def _finalize_graph(traced: Path, path: Path, prefix: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
+def _finalize_graph(traced: Path, path: Path, prefix: dict[str, torch.Tensor], dtype: torch.dtype,
+                    overridable: bool = False) -> int:
     """Turn the traced prefix inputs into initializers holding exactly the exported prefix; convert to float16.
+    ``overridable`` keeps them listed as graph inputs too: an initializer that is also an input is an input with a
+    default value, which ONNX Runtime's adapters (and plain feeds) can replace per run.
     Returns the number of fused attention nodes."""
     import onnx
     from onnx import numpy_helper
@@ -525,7 +561,7 @@ def _finalize_graph(traced: Path, path: Path, prefix: dict[str, torch.Tensor], d
     missing = [name for name in prefix if name not in present]
     if missing:
         raise RuntimeError(f"The traced graph lost prefix inputs {missing}; the prefix never reached attention.")
-    kept = [i for i in proto.graph.input if i.name not in prefix]
+    kept = [i for i in proto.graph.input if overridable or i.name not in prefix]
     del proto.graph.input[:]
     proto.graph.input.extend(kept)
     for name, tensor in prefix.items():
@@ -570,7 +606,8 @@ def _metadata(peft_model, names, multi, task, graphs, files, opset, dtype, devic
         "adapters": names,
         "multi_adapter": multi,
         "adapter_ids_input": L.ADAPTER_IDS_INPUT if multi else None,
-        "num_virtual_tokens": first.num_virtual_tokens,
+        "num_virtual_tokens": max(peft_model.peft_config[n].num_virtual_tokens for n in names),
+        "num_virtual_tokens_per_adapter": {n: peft_model.peft_config[n].num_virtual_tokens for n in names},
         "base_model_name_or_path": first.base_model_name_or_path,
         "dtype": dtype if isinstance(dtype, str) else str(dtype).replace("torch.", ""),
         "opset": opset,

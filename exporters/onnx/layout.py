@@ -8,7 +8,9 @@ decoder takes ``position_ids`` (Optimum omits it for Gemma), so left-padded batc
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 ONNX_FILE_NAME = "model.onnx"
 # Encoder-decoder models: Optimum's non-merged seq2seq layout (ORTModelForSeq2SeqLM loads it as is).
@@ -20,6 +22,29 @@ METADATA_FILE_NAME = "ptv2_export.json"
 VALIDATION_REPORT_FILE_NAME = "ptv2_validation_report.json"
 PREFIX_INITIALIZER = "ptv2.prefix.{slot}.{kind}"  # kind: key | value; shape (kv_heads, n, head_dim), or stacked
 ADAPTER_IDS_INPUT = "adapter_ids"
+# prefix_as="adapter_inputs": the adapter's task head (PEFT's modules_to_save) is swappable too, one tensor per
+# parameter, e.g. ptv2.head.classifier.weight.
+HEAD_INITIALIZER = "ptv2.head.{module}.{param}"
+# prefix_capacity: the graph's prefix slots hold up to capacity tokens; this int64 (1,) input says how many are real.
+PREFIX_LENGTH = "ptv2.prefix.length"
+PREFIX_KEY_0 = PREFIX_INITIALIZER.format(slot=0, kind="key")
+PREFIX_AS = ("constants", "adapter_inputs")
+# Prefix adapter files (onnxruntime.AdapterFormat) and the JSON sidecar next to them ("sst2.onnx_adapter.json").
+ADAPTER_FILE_SUFFIX = ".onnx_adapter"
+ADAPTER_SIDECAR_SUFFIX = ".json"
+ADAPTER_FORMAT = "ptv2-prefix-adapter/1"
+ADAPTER_FORMAT_VERSION = 1  # AdapterFormat's adapter_version
+
+
+def adapter_sidecar(path: str | os.PathLike) -> Path:
+    """The JSON sidecar of an adapter file: ``sst2.onnx_adapter`` -> ``sst2.onnx_adapter.json``."""
+    return Path(str(path) + ADAPTER_SIDECAR_SUFFIX)
+
+
+def model_version(base_fingerprint: str) -> int:
+    """AdapterFormat's model_version (an int): the first 28 bits of the base model's fingerprint, so an adapter
+    file read without its sidecar still cannot be bound to a graph of another base model."""
+    return int(base_fingerprint[:7], 16)
 
 TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION", "CAUSAL_LM", "SEQ_2_SEQ_LM")
 # Optimum / pipeline task names accepted as aliases, so `--task text-classification` works as with optimum-cli.

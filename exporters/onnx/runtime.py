@@ -21,6 +21,7 @@ import torch
 from ptv2_plugin.transformers_compat import cache_kwargs
 
 from . import layout as L
+from .prefix_adapters import PrefixAdapter, read_prefix_adapter
 from .providers import CPU, CUDA, missing_provider_message, warn_on_wheel_clash
 
 warn_on_wheel_clash()  # two onnxruntime wheels in one folder: say so at import, before CUDA silently goes missing
@@ -70,6 +71,7 @@ class ORTModel:
         self.output_names = [o.name for o in session.get_outputs()]
         self.input_dtypes = {i.name: _ORT_TO_NUMPY.get(i.type, np.float32) for i in session.get_inputs()}
         self.adapters: list[str] = list(self.metadata.get("adapters") or [])
+        self.prefix_adapters: dict[str, PrefixAdapter] = {}
         if self.task and self.metadata.get("task") not in (None, self.task):
             raise ValueError(
                 f"{self.model_dir} holds a {self.metadata['task']} export; {type(self).__name__} serves {self.task}."
@@ -88,8 +90,33 @@ class ORTModel:
         metadata_path = model_dir / L.METADATA_FILE_NAME
         metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
         config = AutoConfig.from_pretrained(str(model_dir))
+        if session_options is None and metadata.get("prefix_as") == "adapter_inputs":
+            session_options = swappable_session_options()
         session = create_session(path, provider, session_options=session_options, provider_options=provider_options)
         return cls(session, config, model_dir, metadata, use_io_binding)
+
+    # ------------------------------------------------------------------------------------------ prefix adapters
+    def load_prefix_adapter(self, path: str | Path, name: str | None = None) -> str:
+        """Make the adapter file ``path`` (``export_prefix_adapter``) selectable as ``adapter=name`` in later calls.
+
+        The graph must be exported with ``prefix_as="adapter_inputs"``; a file for another base model or of another
+        geometry is refused. Costs one file read and (on CUDA) one copy to the device; the session is untouched, so
+        adapters can be added or replaced while others are served. Returns the name (default: the adapter's own).
+        """
+        adapter = read_prefix_adapter(path, name, self.session, self.metadata, self.device, self.device_id)
+        self.prefix_adapters[adapter.name] = adapter
+        return adapter.name
+
+    def unload_prefix_adapter(self, name: str) -> None:
+        self._prefix_adapter(name)
+        del self.prefix_adapters[name]
+
+    def _prefix_adapter(self, name: str) -> PrefixAdapter:
+        adapter = self.prefix_adapters.get(name)
+        if adapter is None:
+            loaded = sorted(self.prefix_adapters) or "none (use load_prefix_adapter)"
+            raise KeyError(f"No prefix adapter named {name!r}; loaded: {loaded}.")
+        return adapter
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
@@ -133,12 +160,19 @@ class ORTModel:
         return ids
 
     # --------------------------------------------------------------------------------------------------- run
-    def _run(self, feed: Mapping[str, Any], keep_on_device: Sequence[str] = ()) -> dict[str, Any]:
-        """Outputs by name: numpy arrays, except ``keep_on_device`` names, which stay ``OrtValue``s under IOBinding."""
+    def _run(self, feed: Mapping[str, Any], keep_on_device: Sequence[str] = (),
+             adapter: str | None = None) -> dict[str, Any]:
+        """Outputs by name: numpy arrays, except ``keep_on_device`` names, which stay ``OrtValue``s under IOBinding.
+        ``adapter`` names a loaded prefix adapter to bind for this run (default: the graph's own prefix)."""
+        prefix = self._prefix_adapter(adapter) if adapter is not None else None
         if not self.use_io_binding:
             arrays = {k: (v.numpy() if _is_ort_value(v) else v) for k, v in feed.items()}
-            return dict(zip(self.output_names, self.session.run(None, arrays)))
+            options = prefix.run_options if prefix is not None else None
+            return dict(zip(self.output_names, self.session.run(None, arrays, options)))
         binding = self.session.io_binding()
+        if prefix is not None:
+            for name, value in prefix.values.items():
+                binding.bind_ortvalue_input(name, value)
         for name, value in feed.items():
             if _is_ort_value(value):  # an OrtValue, possibly already on the device
                 binding.bind_ortvalue_input(name, value)
@@ -151,9 +185,21 @@ class ORTModel:
         return {name: value if name in keep_on_device else value.numpy()
                 for name, value in zip(self.output_names, values)}
 
-    def _forward_outputs(self, **kwargs) -> dict[str, torch.Tensor]:
+    def _forward_outputs(self, adapter: str | None = None, **kwargs) -> dict[str, torch.Tensor]:
         feed = self._prepare(**kwargs)
-        return {name: torch.from_numpy(np.asarray(value)) for name, value in self._run(feed).items()}
+        return {name: torch.from_numpy(np.asarray(value)) for name, value in self._run(feed, adapter=adapter).items()}
+
+
+def swappable_session_options(intra_op_threads: int = 0):
+    """Session options for swappable-prefix graphs: ORT warns once per overridable initializer that it will not be
+    constant-folded, which is exactly what makes the prefix swappable, so only errors are logged.
+    ``intra_op_threads`` 0 is ORT's default (one per core)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = intra_op_threads
+    return options
 
 
 def _is_ort_value(value) -> bool:
@@ -228,7 +274,7 @@ class ORTModelForCausalLM(ORTModel):
         self.generation_config = _generation_config(self.model_dir, self.config)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
-                past_key_values=None, cache_on_device: bool | None = None, **kwargs):
+                past_key_values=None, cache_on_device: bool | None = None, adapter: str | None = None, **kwargs):
         """One pass, like the PyTorch model's forward. The cache comes as ``cache`` (transformers >= 5.24) or
         ``past_key_values`` (earlier releases) and is returned under the name the installed transformers uses.
 
@@ -242,7 +288,7 @@ class ORTModelForCausalLM(ORTModel):
         if cache_on_device is None:
             cache_on_device = any(_is_ort_value(value) for value in _flatten_past(past_key_values) or ())
         on_device = bool(cache_on_device) and self.use_io_binding and self.can_use_cache and use_cache is not False
-        out = self._run(feed, keep_on_device=keep if on_device else ())
+        out = self._run(feed, keep_on_device=keep if on_device else (), adapter=adapter)
         logits = torch.from_numpy(out["logits"])
         past = None
         if self.can_use_cache and use_cache is not False:
@@ -285,7 +331,8 @@ class ORTModelForCausalLM(ORTModel):
     # ------------------------------------------------------------------------------------------------ generate
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, *, adapter_ids=None, adapter_names=None,
-                 generator: torch.Generator | None = None, generation_config=None, **kwargs) -> torch.LongTensor:
+                 adapter: str | None = None, generator: torch.Generator | None = None, generation_config=None,
+                 **kwargs) -> torch.LongTensor:
         """Greedy or sampled decoding with the cache, as ``transformers``' ``generate`` does it for these settings:
         finished rows continue with ``pad_token_id``; decoding stops when every row finished or at the length cap.
         Settings (``max_new_tokens``, ``do_sample``, ``eos_token_id``, ...) as in ``DecodingSettings``."""
@@ -293,7 +340,7 @@ class ORTModelForCausalLM(ORTModel):
         mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(_to_numpy(attention_mask, np.int64))
         settings = DecodingSettings.resolve(generation_config or self.generation_config, ids.shape[1], kwargs,
                                             type(self).__name__)
-        adapter = {"adapter_ids": adapter_ids, "adapter_names": adapter_names}
+        rows = {"adapter_ids": adapter_ids, "adapter_names": adapter_names}
         state: dict[str, Any] = {"past": None, "mask": mask, "seen": 0}
 
         def step(ids: torch.Tensor) -> torch.Tensor:
@@ -301,8 +348,8 @@ class ORTModelForCausalLM(ORTModel):
             if grown:
                 state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(ids.shape[0], grown)], dim=1)
             # with a cache only the tokens added since the last step run; without one, the whole sequence again
-            feed, _ = self._decoder_feed(ids[:, state["seen"] :], state["mask"], None, state["past"], **adapter)
-            out = self._run(feed, keep_on_device=self.present_names)
+            feed, _ = self._decoder_feed(ids[:, state["seen"] :], state["mask"], None, state["past"], **rows)
+            out = self._run(feed, keep_on_device=self.present_names, adapter=adapter)
             if self.can_use_cache:
                 state["past"], state["seen"] = [out[name] for name in self.present_names], ids.shape[1]
             return torch.from_numpy(np.asarray(out["logits"])[:, -1, :]).float()

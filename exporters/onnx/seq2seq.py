@@ -143,7 +143,8 @@ def sample_inputs(config, graph: L.GraphLayout, *, batch: int = 2, length: int =
 
 
 def trace_part(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.Tensor], slots: list[int],
-               names: list[str], multi: bool, path: Path, opset: int, device: torch.device) -> None:
+               names: list[str], multi: bool, path: Path, opset: int, device: torch.device,
+               visible: torch.Tensor | None = None) -> None:
     """Trace one part; its prefix slots arrive as trailing inputs (turned into initializers by the caller)."""
     dtype = next(inner.parameters()).dtype
     generator = torch.Generator().manual_seed(0)
@@ -156,7 +157,7 @@ def trace_part(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.T
             own[name] = prefix[name]
     adapters = len(names) if multi and slots else 0
     args, input_names, dynamic_axes = graph_arguments(example, graph, own, adapters, device)
-    with prefix_from_feed(inner, names) as feed, traceable_masks(), eval_mode(inner), torch.no_grad(), \
+    with prefix_from_feed(inner, names, visible) as feed, traceable_masks(), eval_mode(inner), torch.no_grad(), \
             warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         if graph.part == "encoder":

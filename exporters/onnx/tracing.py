@@ -19,6 +19,7 @@ from ptv2_plugin import PTuningV2Layer
 from ptv2_plugin.attention import ActivePrefix
 
 from . import layout as L
+from .adapter_tensors import head_module, head_wrappers
 
 
 class PrefixFeed:
@@ -32,12 +33,19 @@ class PrefixFeed:
         self.keys: Sequence[torch.Tensor] = ()
         self.values: Sequence[torch.Tensor] = ()
         self.adapter_ids: torch.Tensor | None = None
+        self.visible: torch.Tensor | None = None  # (adapters, n): real prefix columns, when lengths differ
+        self.heads: dict[str, torch.Tensor] = {}  # prefix_as="adapter_inputs": head parameters, by graph input name
+        self.length: torch.Tensor | None = None  # prefix_capacity graphs: (1,) number of real prefix tokens
 
     def prefix(self, slot: int) -> ActivePrefix:
         key, value = self.keys[slot], self.values[slot]
         if self.adapter_ids is None:
-            return ActivePrefix(key.unsqueeze(0), value.unsqueeze(0))
-        return ActivePrefix(key.index_select(0, self.adapter_ids), value.index_select(0, self.adapter_ids))
+            visible = None
+            if self.length is not None:
+                visible = (torch.arange(key.shape[-2], device=key.device) < self.length)[None]
+            return ActivePrefix(key.unsqueeze(0), value.unsqueeze(0), visible)
+        visible = self.visible.index_select(0, self.adapter_ids) if self.visible is not None else None
+        return ActivePrefix(key.index_select(0, self.adapter_ids), value.index_select(0, self.adapter_ids), visible)
 
 
 def graph_arguments(example: dict[str, torch.Tensor], graph: L.GraphLayout, prefix: dict[str, torch.Tensor],
@@ -62,9 +70,12 @@ def prefixed_layers(model: nn.Module) -> list[PTuningV2Layer]:
 
 
 @contextmanager
-def prefix_from_feed(model: nn.Module, adapters: Sequence[str]) -> Iterator[PrefixFeed]:
-    """Make every prefixed layer take its keys/values from a ``PrefixFeed`` instead of its prefix encoder."""
+def prefix_from_feed(model: nn.Module, adapters: Sequence[str],
+                     visible: torch.Tensor | None = None) -> Iterator[PrefixFeed]:
+    """Make every prefixed layer take its keys/values from a ``PrefixFeed`` instead of its prefix encoder.
+    ``visible`` (adapters, n) masks the padding of shorter prefixes per row (a constant of the graph)."""
     feed = PrefixFeed()
+    feed.visible = visible.to(next(model.parameters()).device) if visible is not None else None
     layers = prefixed_layers(model)
     patched = []
     try:
@@ -90,14 +101,11 @@ def prefix_from_feed(model: nn.Module, adapters: Sequence[str]) -> Iterator[Pref
 def heads_from_feed(model: nn.Module, adapters: Sequence[str], feed: PrefixFeed) -> Iterator[None]:
     """Multi-adapter export: every task head (PEFT's modules_to_save) runs each adapter's copy and keeps, per row,
     the output of the row's adapter (``feed.adapter_ids``), so a row gets its own prefix *and* its own head."""
-    from peft.utils.other import ModulesToSaveWrapper
+    wrappers = list(head_wrappers(model).values())
 
-    wrappers = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
-
-    def per_row(wrapper: ModulesToSaveWrapper):
+    def per_row(wrapper: nn.Module):
         def forward(hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            heads = [wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
-                     for name in adapters]
+            heads = [head_module(wrapper, name) for name in adapters]
             stacked = torch.stack([head(hidden, *args, **kwargs) for head in heads], dim=1)  # (batch, adapters, ..)
             index = feed.adapter_ids.view(-1, *([1] * (stacked.dim() - 1))).expand(-1, 1, *stacked.shape[2:])
             return stacked.gather(1, index).squeeze(1)
@@ -110,6 +118,39 @@ def heads_from_feed(model: nn.Module, adapters: Sequence[str], feed: PrefixFeed)
         yield
     finally:
         for wrapper in wrappers:
+            wrapper.__dict__.pop("forward", None)
+
+
+@contextmanager
+def heads_as_inputs(model: nn.Module, adapter: str, feed: PrefixFeed) -> Iterator[None]:
+    """Swappable export: every task head runs the adapter's head with its parameters taken from ``feed.heads``
+    (traced graph inputs ``ptv2.head.{module}.{param}``), so another adapter's head can be bound at run time."""
+    wrappers = head_wrappers(model)
+
+    def with_fed_parameters(module_name: str, head: nn.Module):
+        # torch.func.functional_call refuses to run under the TorchScript tracer, so the parameters are swapped for
+        # the fed tensors by hand for the duration of the call.
+        owners = [(head.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], name)
+                  for name, _ in head.named_parameters()]
+
+        def forward(*args, **kwargs):
+            saved = [(owner, attr, owner._parameters[attr]) for owner, attr, _ in owners]
+            try:
+                for owner, attr, name in owners:
+                    owner._parameters[attr] = feed.heads[L.HEAD_INITIALIZER.format(module=module_name, param=name)]
+                return head(*args, **kwargs)
+            finally:
+                for owner, attr, param in saved:
+                    owner._parameters[attr] = param
+
+        return forward
+
+    try:
+        for module_name, wrapper in wrappers.items():
+            wrapper.forward = with_fed_parameters(module_name, head_module(wrapper, adapter))
+        yield
+    finally:
+        for wrapper in wrappers.values():
             wrapper.__dict__.pop("forward", None)
 
 
