@@ -102,6 +102,30 @@ def next_result(child: ChildProcess) -> tuple[int, int]:
     return int(k), int(code)
 
 
+def inspect_every_kill(child: ChildProcess, inspect: Callable[[int], str]) -> list[str]:
+    """Parent side, after the handshake: for each step k, ``inspect(k)`` checks the folder the killed writer left and
+    names its state ("old" or "new"); the driver then goes on, until a writer finishes. Asserts that every step but
+    the last was a SIGKILL, that kills before the swap keep the old state and the last run ends in the new one, and
+    returns the killed calls (``killed_steps``)."""
+    seen, kills, k = [], [], 0
+    try:
+        while True:
+            k, code = next_result(child)
+            seen.append(inspect(k))
+            child.send(GO)
+            if code == 0:
+                break
+            assert code == -signal.SIGKILL, "\n".join(child.output[-40:])
+            kills.append(k)
+        child.finish()
+    finally:
+        child.kill()
+    steps = killed_steps(child)
+    assert len(steps) == len(kills) == k - 1 and kills == list(range(1, k))
+    assert seen[-1] == "new" and "old" in seen, seen
+    return steps
+
+
 def killed_steps(child: ChildProcess) -> list[str]:
     """The calls the writers were killed at, in order (``open(path)``, ``exchange(path)``, ...)."""
     return [line.split(": ", 1)[1] for line in child.output if line.startswith("killed at step")]

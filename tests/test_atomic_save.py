@@ -22,7 +22,7 @@ from transformers import AutoModelForSequenceClassification
 
 from ptv2_plugin import PTuningV2Config, atomic_folder
 from tests.child_process import GO, start_python
-from tests.fault_injection import killed_steps, next_result
+from tests.fault_injection import inspect_every_kill
 from tests.tiny_models import tiny_model
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -156,27 +156,20 @@ def test_save_killed_at_every_step_leaves_the_old_or_the_new_adapters_whole(tmp_
         notes = {"notes.txt": b"a user's file"}
         states = {"old": {**tree(tmp_path / "ref-old"), **notes}, "new": {**tree(tmp_path / "ref-new"), **notes}}
         child.send(GO)
-        seen, kills = [], []
-        while True:
-            k, code = next_result(child)
+
+        def inspect(k: int) -> str:
             found = tree(target)
             state = next((name for name, files in states.items() if files == found), None)
             assert state is not None, f"killed at step {k}: the folder is neither adapter: {sorted(found)}"
             assert loaded_lengths(tmp_path / "base", target) == {"old": (3, 4), "new": (5, 6)}[state]
-            seen.append(state)
-            child.send(GO)
-            if code == 0:
-                break
-            assert code == -signal.SIGKILL, "\n".join(child.output[-40:])
-            kills.append(k)
-        child.finish()
+            return state
+
+        # kills before the swap keep the old adapters, after it the new ones (checked by inspect_every_kill)
+        steps = inspect_every_kill(child, inspect)
     finally:
         child.kill()
-    steps = killed_steps(child)
-    assert len(steps) == len(kills) == k - 1 and kills == list(range(1, k))
     assert any(step.startswith("exchange(") for step in steps), steps  # the swap itself was a kill point
     assert any(step.startswith("safe_save_file(") for step in steps), steps
-    assert seen[-1] == "new" and "old" in seen  # kills before the swap keep the old one, after it the new one
     assert [p.name for p in target.parent.iterdir()] == ["adapter"]  # the completed save left nothing beside it
 
 
