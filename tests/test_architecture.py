@@ -206,7 +206,7 @@ def test_importing_the_plugin_loads_no_exporter():
 def test_importing_serving_loads_no_tracer():
     """``exporters.onnx``'s serving names come from the serving package alone (the export side loads on demand)."""
     loaded = _loaded("from exporters.onnx import ORTModelForCausalLM, load")
-    assert "exporters.onnx.serving.session" in loaded
+    assert "exporters.onnx.serving.session" in loaded and "onnx" not in loaded  # onnxruntime only, no onnx
     assert [m for m in loaded if m.startswith("exporters.onnx.") and not _is_under(m, (SERVING, *SERVING_MAY_USE))] \
         == []
 
