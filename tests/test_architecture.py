@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.child_process import run_python
 
@@ -220,3 +221,37 @@ def test_deprecated_callback_alias_warns_and_is_the_exporter_class():
     assert alias is ExportOnnxCallback
     with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
         ptv2_plugin.NoSuchName  # noqa: B018
+
+
+# -------------------------------------------------------------------------------------- the plugin's export seam
+def test_prefix_source_seam_replaces_the_prefix_and_export_leaves_none_behind(tmp_path):
+    """``PTuningV2Layer.prefix_source`` is where the exporter supplies the prefix: set, the layers use what it gives
+    (here the same prefix doubled, which changes the output); reset, the model is bit for bit what it was. An export
+    goes through it and leaves every layer as it found it."""
+    from peft import get_peft_model
+
+    from exporters.onnx import export
+    from ptv2_plugin import PTuningV2Config, PTuningV2Layer
+    from ptv2_plugin.attention import ActivePrefix
+    from tests.tiny_models import sample_inputs, tiny_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("bert", "SEQ_CLS"),
+                           PTuningV2Config(task_type="SEQ_CLS", num_virtual_tokens=3, prefix_init_std=1.0)).eval()
+    inputs = sample_inputs("bert")
+    layers = [m for m in model.modules() if isinstance(m, PTuningV2Layer)]
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        for layer in layers:
+            own = layer.prefix(["default"])
+            layer.prefix_source = lambda names, own=own: ActivePrefix(own.key * 2, own.value * 2)
+        doubled = model(**inputs).logits
+        for layer in layers:
+            layer.prefix_source = None
+        again = model(**inputs).logits
+    assert (doubled - reference).abs().max() > 1e-3
+    assert torch.equal(again, reference)
+    export(model, tmp_path / "onnx", validate=False)
+    assert all(layer.prefix_source is None and "prefix" not in layer.__dict__ for layer in layers)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)
