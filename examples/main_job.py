@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         set_seed,
     )
 
-    from ptv2_plugin import ExportOnnxCallback, PTuningV2Config, create_optimizer
+    from exporters.onnx import ExportOnnxCallback
+    from ptv2_plugin import PTuningV2Config, create_optimizer
 
     set_seed(args.seed)
     if args.threads:
