@@ -37,6 +37,7 @@ from . import layout as L
 from .adapter_tensors import base_fingerprint, frozen_prefix, prefix_visibility, swappable_extras
 from .float16 import convert_to_float16
 from .fused_attention import FUSED_OP, count_fused, fused_prefix_attention, parse_option, unsupported_reason
+from .graph_export import DEFAULT_EXPORTER, export_graph, resolve_exporter
 from .providers import CPU, CUDA
 from .tolerances import resolve_tolerance
 from .tracing import eval_mode, graph_arguments, heads_as_inputs, heads_from_feed, prefix_from_feed, traceable_masks
@@ -87,6 +88,7 @@ def export(
     prefix_capacity: int | None = None,
     tokenizer: Any = None,
     progress: Callable[[str], None] | None = None,
+    exporter: str | None = None,
 ) -> Path:
     """Write ``model.onnx`` (prefix frozen in), ``config.json``, tokenizer files and ``ptv2_export.json``.
 
@@ -119,12 +121,15 @@ def export(
     (with ``"adapter_inputs"``) gives the prefix room for up to that many tokens, so adapters of different lengths
     share the graph: their files are padded to it (``export_prefix_adapter(..., prefix_capacity=...)``) and a
     ``ptv2.prefix.length`` input masks the padding (attention then runs as plain ops, not the fused kernel).
+
+    ``exporter``: ``"dynamo"`` (default, ``torch.export``-based) or ``"torchscript"`` (torch's deprecated legacy
+    tracer, kept as a fallback); both write the same graph names, initializers and metadata (``graph_export.py``).
     """
     say = progress or logger.info
     output_dir = Path(output_dir)
     check_output_dir(output_dir, force)
     torch_dtype = _parse_dtype(dtype)
-    opset = int(opset or L.DEFAULT_OPSET)
+    exporter, opset = resolve_exporter(exporter, opset, say)
     peft_model, source_dirs = _resolve_model(model, base_model, task, say)
     task = _resolve_task(peft_model, task)
     names = _resolve_adapters(peft_model, adapter_name, adapters)
@@ -149,7 +154,7 @@ def export(
         visible = prefix_visibility(peft_model, names)
         if visible is not None:
             say(f"Prefix lengths differ ({visible.sum(-1).tolist()}): padded to {visible.shape[1]}, masked per row")
-        say(f"Tracing with torch.onnx (TorchScript exporter, opset {opset})")
+        say(f"Tracing with torch.onnx ({exporter} exporter, opset {opset})")
         (staging / "trace").mkdir()
         files, fused_layers = {}, 0
         for file_name, graph in graphs.items():
@@ -158,13 +163,14 @@ def export(
                 from .seq2seq import part_slots, trace_part
 
                 slots = part_slots(inner, names[0], graph.part)
-                trace_part(inner, graph, prefix, slots, names, multi, traced, opset, torch.device(device), visible)
+                trace_part(inner, graph, prefix, slots, names, multi, traced, opset, torch.device(device), visible,
+                           exporter=exporter)
                 wanted = [L.PREFIX_INITIALIZER.format(slot=s, kind=kind) for s in slots for kind in ("key", "value")]
                 used = {name: prefix[name] for name in wanted}
             else:
                 slots = list(range(len(prefix) // 2))
                 skipped = _trace(inner, graph, prefix, names, multi, traced, opset, torch.device(device), fused,
-                                 extras, visible)
+                                 extras, visible, exporter=exporter)
                 used = {**prefix, **extras}
             fused_here = _finalize_graph(traced, staging / file_name, used, torch_dtype, overridable=swappable)
             fused_layers += fused_here
@@ -185,6 +191,7 @@ def export(
             tokenizer.save_pretrained(staging)
 
         metadata = _metadata(peft_model, names, multi, task, graphs, files, opset, dtype, torch.device(device))
+        metadata["exporter"] = exporter
         metadata["prefix_as"] = prefix_as
         metadata["prefix_capacity"] = prefix_capacity
         metadata["base_fingerprint"] = base_fingerprint(peft_model) if swappable else None
@@ -520,7 +527,8 @@ def _kv_shape(model: nn.Module, device: torch.device) -> tuple[int, int]:
 
 def _trace(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.Tensor], names: list[str], multi: bool,
            path: Path, opset: int, device: torch.device, fused: bool | str = False,
-           extras: dict[str, torch.Tensor] | None = None, visible: torch.Tensor | None = None) -> list[str]:
+           extras: dict[str, torch.Tensor] | None = None, visible: torch.Tensor | None = None,
+           exporter: str = DEFAULT_EXPORTER) -> list[str]:
     """Trace one graph; returns why layers were not fused (empty when all were, or fusion is off). ``extras``
     (swappable export) are the prefix length (with a capacity) and the task head's parameters, traced as inputs
     after the prefix."""
@@ -539,11 +547,9 @@ def _trace(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.Tenso
         # Shape-dependent Python branches the tracer warns about are covered by the parity check across shapes.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         wrapper = _ExportWrapper(inner, graph, feed, multi, len(prefix) // 2, fused_trace, list(extras)).eval()
-        torch.onnx.export(
-            wrapper, tuple(args), str(path), dynamo=False, opset_version=opset, input_names=input_names,
-            output_names=graph.outputs, dynamic_axes=dynamic_axes, do_constant_folding=True,
-            custom_opsets={"com.microsoft": 1} if fused else None,
-        )
+        export_graph(wrapper, args, path, input_names=input_names, output_names=graph.outputs,
+                     dynamic_axes=dynamic_axes, opset=opset, exporter=exporter,
+                     custom_opsets={"com.microsoft": 1} if fused else None)
     return fused_trace.skipped if fused_trace is not None else []
 
 

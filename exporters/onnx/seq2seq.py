@@ -18,6 +18,7 @@ from ptv2_plugin.architectures import ENCODER_SELF_ATTENTION, attention_location
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 
 from . import layout as L
+from .graph_export import DEFAULT_EXPORTER, export_graph
 from .tracing import PrefixFeed, eval_mode, graph_arguments, prefix_from_feed, prefixed_layers, traceable_masks
 
 
@@ -144,7 +145,7 @@ def sample_inputs(config, graph: L.GraphLayout, *, batch: int = 2, length: int =
 
 def trace_part(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.Tensor], slots: list[int],
                names: list[str], multi: bool, path: Path, opset: int, device: torch.device,
-               visible: torch.Tensor | None = None) -> None:
+               visible: torch.Tensor | None = None, exporter: str = DEFAULT_EXPORTER) -> None:
     """Trace one part; its prefix slots arrive as trailing inputs (turned into initializers by the caller)."""
     dtype = next(inner.parameters()).dtype
     generator = torch.Generator().manual_seed(0)
@@ -164,7 +165,5 @@ def trace_part(inner: nn.Module, graph: L.GraphLayout, prefix: dict[str, torch.T
             wrapper = _EncoderWrapper(inner, feed, multi and bool(slots), slots)
         else:
             wrapper = _DecoderWrapper(inner, graph, feed, multi and bool(slots), slots)
-        torch.onnx.export(
-            wrapper.eval(), tuple(args), str(path), dynamo=False, opset_version=opset, input_names=input_names,
-            output_names=graph.outputs, dynamic_axes=dynamic_axes, do_constant_folding=True,
-        )
+        export_graph(wrapper.eval(), args, path, input_names=input_names, output_names=graph.outputs,
+                     dynamic_axes=dynamic_axes, opset=opset, exporter=exporter)
