@@ -91,9 +91,9 @@ def _export_dynamo(wrapper: nn.Module, args: Sequence[torch.Tensor], path: Path,
         # torch.export reports each guard it adds on a dynamic axis; parity across shapes is checked afterwards.
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.export|torch\._export")
         program = torch.onnx.export(
-            wrapper, tuple(args), dynamo=True, opset_version=opset,
-            input_names=list(input_names), output_names=list(output_names),
-            dynamic_shapes=dynamic_shapes(wrapper.forward, input_names, dynamic_axes), optimize=True, verbose=False,
+            wrapper, tuple(args), dynamo=True, opset_version=opset, input_names=list(input_names),
+            output_names=list(output_names), dynamic_shapes=dynamic_shapes(wrapper.forward, input_names, dynamic_axes),
+            optimize=True, verbose=False,
         )
     proto = program.model_proto
     rename_dims(proto.graph, dynamic_axes)
