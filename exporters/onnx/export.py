@@ -1,10 +1,9 @@
 """Export a P-Tuning v2 model to self-contained ONNX graphs (one; three for encoder-decoder models).
 
-Exporter choice: the TorchScript tracer (``torch.onnx.export(..., dynamo=False)``), as optimum-onnx does. The prefix
-reaches attention through plain Python (a ContextVar, a config view, forward hooks) that the tracer simply runs,
-on both transformers lanes and for encoders as well as decoders with a ``DynamicCache``; torch.export (the dynamo
-exporter) has to capture all of that symbolically and, on transformers 4.5x, trips over the vmap-based masks and the
-cache classes. The tracer records shapes as ops, so one trace serves every batch size, length and past length,
+Exporter choice (``graph_export.py``): torch.export-based (dynamo, the default) or the deprecated TorchScript tracer
+(fallback). Both run the plugin's Python as is: the prefix reaches attention through a ContextVar, a config view and
+forward hooks, which the tracer runs and torch.export's non-strict mode runs too, on both transformers lanes, for
+encoders as well as decoders with a ``DynamicCache``. One trace serves every batch size, length and past length,
 including an empty past. Known price: data-dependent Python branches are baked in, which is why sample inputs
 contain a padded row (no "all ones" shortcut gets recorded) and why 4.5x masks are swapped for broadcast ones.
 
