@@ -28,7 +28,7 @@ from exporters.onnx.seq2seq import flatten_encoder_decoder_cache, slot_locations
 from ptv2_plugin import PTuningV2Config  # noqa: E402
 from ptv2_plugin.architectures import CROSS_ATTENTION, DECODER_SELF_ATTENTION, ENCODER_SELF_ATTENTION  # noqa: E402
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs  # noqa: E402
-from tests.exporter_matrix import DYNAMO, over_exporters  # noqa: E402
+from tests.exporter_matrix import DYNAMO, only, over_exporters  # noqa: E402
 from tests.parity import assert_parity  # noqa: E402
 from tests.tiny_models import SEQ2SEQ, VOCAB, tiny_model  # noqa: E402
 
@@ -200,8 +200,7 @@ def test_prefix_initializers_per_graph_no_prefix_input_no_mlp(exported, arch, ex
 
 
 # ---------------------------------------------------------------------------------------------- variants
-@pytest.mark.parametrize("exporter", [DYNAMO])
-def test_no_cross_attention_prefix_and_no_past_export(tmp_path, exporter):
+def test_no_cross_attention_prefix_and_no_past_export(tmp_path):
     model = peft_model("bart", prefix_cross_attention=False)
     folder = export(model, tmp_path / "nopast", with_past=False)
     assert not (folder / DECODER_WITH_PAST_FILE_NAME).exists()
@@ -221,7 +220,7 @@ def test_no_cross_attention_prefix_and_no_past_export(tmp_path, exporter):
         runtime(**inputs, decoder_input_ids=expected[:, 1:2], **cache_kwargs(cache_from_output(first)))
 
 
-@pytest.mark.parametrize("exporter", [DYNAMO])
+@pytest.mark.parametrize("exporter", only(DYNAMO))
 def test_multi_adapter_seq2seq_export_selects_prefix_per_row(tmp_path, exporter):
     model = peft_model("bart", name="a")
     torch.manual_seed(1)

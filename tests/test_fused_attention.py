@@ -26,7 +26,7 @@ from exporters.onnx.fused_attention import (  # noqa: E402
 )
 from ptv2_plugin import PTuningV2Config  # noqa: E402
 from ptv2_plugin.attention import ActivePrefix, active_prefix  # noqa: E402
-from tests.exporter_matrix import DYNAMO, TORCHSCRIPT, over_exporters  # noqa: E402
+from tests.exporter_matrix import DYNAMO, TORCHSCRIPT, only, over_exporters  # noqa: E402
 from tests.parity import assert_parity  # noqa: E402
 from tests.test_export_onnx import N, batch, peft_model, without_prefix  # noqa: E402
 from tests.tiny_models import TRANSFORMERS_5  # noqa: E402
@@ -48,7 +48,7 @@ def _graph(folder):
 
 
 # ------------------------------------------------------------------------------------------ the fused graph
-@pytest.mark.parametrize("arch,exporter", over_exporters(["bert", "roberta", "electra", "distilbert"]))
+@pytest.mark.parametrize("arch,exporter", over_exporters(["bert", "roberta", "electra", "distilbert"], dynamo={"bert"}))
 def test_every_prefixed_layer_is_one_fused_node_with_parity(tmp_path, arch, exporter):
     model, messages = peft_model(arch), []
     folder = export(model, tmp_path / arch, task="SEQ_CLS", progress=messages.append)
@@ -74,7 +74,7 @@ def test_every_prefixed_layer_is_one_fused_node_with_parity(tmp_path, arch, expo
                       context=(arch, size, length, pad))
 
 
-@pytest.mark.parametrize("exporter", [DYNAMO, TORCHSCRIPT])
+@pytest.mark.parametrize("exporter", only(DYNAMO, TORCHSCRIPT))
 def test_fused_graph_survives_ort_transformer_optimizer(tmp_path, exporter):
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -94,7 +94,7 @@ def test_fused_graph_survives_ort_transformer_optimizer(tmp_path, exporter):
     assert_parity(_run(_session(path), inputs), expected, without_prefix=without_prefix(model, **inputs).logits)
 
 
-@pytest.mark.parametrize("exporter", [DYNAMO, TORCHSCRIPT])
+@pytest.mark.parametrize("exporter", only(DYNAMO, TORCHSCRIPT))
 def test_multi_adapter_graph_fuses_with_per_row_prefix(tmp_path, exporter):
     model = peft_model("bert", name="a")
     torch.manual_seed(1)
@@ -115,8 +115,7 @@ def test_multi_adapter_graph_fuses_with_per_row_prefix(tmp_path, exporter):
     assert not np.allclose(expected["a"], expected["b"])
 
 
-@pytest.mark.parametrize("exporter", [DYNAMO, TORCHSCRIPT])
-def test_only_prefixed_layers_fuse(tmp_path, exporter):
+def test_only_prefixed_layers_fuse(tmp_path):
     torch.manual_seed(0)
     from peft import get_peft_model
 
@@ -136,7 +135,7 @@ def test_only_prefixed_layers_fuse(tmp_path, exporter):
 
 
 # ----------------------------------------------------------------------------------------------- fallbacks
-@pytest.mark.parametrize("exporter", [DYNAMO, TORCHSCRIPT])
+@pytest.mark.parametrize("exporter", only(DYNAMO, TORCHSCRIPT))
 def test_disabled_writes_plain_ops_only(tmp_path, exporter):
     folder = export(peft_model("bert"), tmp_path / "plain", fused_attention=False, validate=False)
     graph = _graph(folder)

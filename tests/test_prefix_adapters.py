@@ -22,7 +22,7 @@ from exporters.onnx import (  # noqa: E402
 )
 from ptv2_plugin import PTuningV2Config  # noqa: E402
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs  # noqa: E402
-from tests.exporter_matrix import DYNAMO, TORCHSCRIPT, over_exporters  # noqa: E402
+from tests.exporter_matrix import DYNAMO, TORCHSCRIPT, only  # noqa: E402
 from tests.parity import assert_parity  # noqa: E402
 from tests.test_export_onnx import batch, peft_model  # noqa: E402
 from tests.tiny_models import tiny_model  # noqa: E402
@@ -93,7 +93,7 @@ def test_swappable_graph_is_an_ordinary_export(deployed):
     assert not [p for p in folder.parent.iterdir() if ".ptv2-new-" in p.name or ".ptv2-old-" in p.name]
 
 
-@pytest.mark.parametrize("exporter", [DYNAMO, TORCHSCRIPT])
+@pytest.mark.parametrize("exporter", only(DYNAMO, TORCHSCRIPT))
 @pytest.mark.parametrize("io_binding", [False, True])
 def test_encoder_each_adapter_file_matches_pytorch(deployed, io_binding, exporter):
     model, folder, files = deployed("bert", exporter)
@@ -113,7 +113,7 @@ def test_encoder_each_adapter_file_matches_pytorch(deployed, io_binding, exporte
     assert_parity(default, outputs["a"], context="bert graph's own adapter")
 
 
-@pytest.mark.parametrize("exporter", [DYNAMO, TORCHSCRIPT])
+@pytest.mark.parametrize("exporter", only(DYNAMO, TORCHSCRIPT))
 def test_decoder_each_adapter_with_past_and_generate(deployed, exporter):
     model, folder, files = deployed("llama", exporter)
     runtime = load(folder)
@@ -212,8 +212,7 @@ def test_cli_writes_an_adapter_file(tmp_path):
     assert not stored[:, 3:].any() and tensors["ptv2.prefix.length"].numpy().tolist() == [3]
 
 
-@pytest.mark.parametrize("exporter", [DYNAMO])
-def test_float16_graph_takes_float16_adapter_files_only(tmp_path, exporter):
+def test_float16_graph_takes_float16_adapter_files_only(tmp_path):
     model = several_adapters("bert", names=("a", "b"))
     folder = export(model, tmp_path / "graph", adapter_name="a", prefix_as="adapter_inputs", dtype="float16")
     runtime = load(folder)
@@ -227,8 +226,8 @@ def test_float16_graph_takes_float16_adapter_files_only(tmp_path, exporter):
         runtime.load_prefix_adapter(export_prefix_adapter(model, tmp_path / "b32.onnx_adapter", adapter_name="b"))
 
 
-@pytest.mark.parametrize("arch,exporter", over_exporters(["bert", "llama"]))
-def test_prefix_capacity_lets_adapters_of_different_lengths_share_a_graph(tmp_path, arch, exporter):
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_prefix_capacity_lets_adapters_of_different_lengths_share_a_graph(tmp_path, arch):
     """A graph with room for 5 prefix tokens serves adapters of 2, 3 and 5 tokens: files padded to 5, the padding
     masked through ptv2.prefix.length; each matches PyTorch running that adapter."""
     task = CASES[arch]

@@ -26,7 +26,7 @@ from ptv2_plugin.transformers_compat import (  # noqa: E402
     checkpointing_enabled,
     enable_checkpointing,
 )
-from tests.exporter_matrix import DYNAMO  # noqa: E402
+from tests.exporter_matrix import DYNAMO, only  # noqa: E402
 from tests.tiny_models import sample_inputs, tiny_model  # noqa: E402
 
 DEPRECATED = r".*(past_key_values|cache_params).*"
@@ -88,7 +88,7 @@ def test_forward_and_generate_use_the_current_name(cache_deprecations_are_errors
     assert tokens.shape == (2, 7)
 
 
-@pytest.mark.parametrize("exporter", [DYNAMO])
+@pytest.mark.parametrize("exporter", only(DYNAMO))
 def test_export_and_ort_generate_use_the_current_name(cache_deprecations_are_errors, tmp_path, exporter):
     model = _decoder("llama").eval()
     folder = export(model, tmp_path / "llama")  # traces with a cache and validates step by step
@@ -103,8 +103,7 @@ def test_export_and_ort_generate_use_the_current_name(cache_deprecations_are_err
     assert len(cache_from_output(step)) == model.config.num_hidden_layers
 
 
-@pytest.mark.parametrize("exporter", [DYNAMO])
-def test_seq2seq_export_and_generate_use_the_current_name(cache_deprecations_are_errors, tmp_path, exporter):
+def test_seq2seq_export_and_generate_use_the_current_name(cache_deprecations_are_errors, tmp_path):
     model = get_peft_model(tiny_model("t5", "SEQ_2_SEQ_LM"),
                            PTuningV2Config(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)).eval()
     folder = export(model, tmp_path / "t5")
