@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "task_type. SEQ_2_SEQ_LM (T5, BART) writes Optimum's encoder_model.onnx, decoder_model.onnx "
                         "and decoder_with_past_model.onnx.")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17).")
+    parser.add_argument("--opset", type=int, default=None,
+                        help="ONNX opset (default 18 with the dynamo exporter, 17 with torchscript).")
+    parser.add_argument("--exporter", default=None, choices=["dynamo", "torchscript"],
+                        help="dynamo (default): torch.export-based. torchscript: torch's deprecated legacy tracer, "
+                        "kept as a fallback (also chosen, with the reason printed, when --opset is below 18).")
     parser.add_argument("--device", default="cpu", help="Device to trace on: cpu or cuda (float16 wants cuda).")
     parser.add_argument("--no-past", dest="with_past", action="store_false", default=None,
                         help="Decoders: export without KV-cache inputs/outputs (encoder-decoders: no "
@@ -82,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.adapter, args.output, base_model=args.model, task=args.task, opset=args.opset, dtype=args.dtype,
                 with_past=args.with_past, device=args.device, validate=args.validate, atol=args.atol, rtol=args.rtol,
                 force=args.force, fused_attention=args.fused_attention, prefix_as=args.prefix_as,
-                prefix_capacity=args.prefix_capacity, progress=progress,
+                prefix_capacity=args.prefix_capacity, progress=progress, exporter=args.exporter,
             )
         if args.adapter_file is not None:
             written = export_prefix_adapter(args.adapter, args.adapter_file, base_model=args.model, task=args.task,

@@ -37,7 +37,7 @@ STALLED_EXPORTER = textwrap.dedent(
     output = sys.argv[1]
     model = get_peft_model(tiny_model("bert"), PTuningV2Config(task_type="SEQ_CLS", num_virtual_tokens=3,
                                                                 prefix_init_std=1.0)).eval()
-    export(model, output, validate=False)
+    export(model, output, validate=False, exporter="torchscript")  # folder handling is exporter-agnostic
     print("first export done", flush=True)
     assert sys.stdin.readline().strip() == "go"  # the parent has loaded the first export
     with torch.no_grad():
@@ -50,7 +50,7 @@ STALLED_EXPORTER = textwrap.dedent(
         sys.stdin.readline()  # stalls until the parent kills us
 
     onnx.save_model = stalled_save
-    export(model, output, validate=False, force=True)
+    export(model, output, validate=False, force=True, exporter="torchscript")
     """
 )
 
@@ -100,8 +100,9 @@ FAULT_DRIVER = textwrap.dedent(
         pass
 
     old, new = model(3, 0), model(5, 1)
-    export(old, f"{root}/ref-old", validate=False, progress=quiet)
-    export(new, f"{root}/ref-new", validate=False, progress=quiet)
+    # folder handling is exporter-agnostic: the fast exporter (each step below runs a whole export)
+    export(old, f"{root}/ref-old", validate=False, progress=quiet, exporter="torchscript")
+    export(new, f"{root}/ref-new", validate=False, progress=quiet, exporter="torchscript")
     print("refs ready", flush=True)
     assert sys.stdin.readline().strip() == "go"
 
@@ -109,7 +110,8 @@ FAULT_DRIVER = textwrap.dedent(
         shutil.rmtree(f"{root}/work", ignore_errors=True)
         shutil.copytree(f"{root}/ref-old", f"{root}/work/onnx")
 
-    drive(prepare, lambda: export(new, f"{root}/work/onnx", validate=False, force=True, progress=quiet))
+    drive(prepare, lambda: export(new, f"{root}/work/onnx", validate=False, force=True, progress=quiet,
+                                  exporter="torchscript"))
     """
 )
 

@@ -28,6 +28,7 @@ from exporters.onnx import (  # noqa: E402
 from exporters.onnx.validate import check_parity  # noqa: E402
 from ptv2_plugin import PTuningV2Config  # noqa: E402
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs  # noqa: E402
+from tests.exporter_matrix import DYNAMO, TORCHSCRIPT, only, over_exporters  # noqa: E402
 from tests.parity import assert_parity  # noqa: E402
 from tests.tiny_models import ARCHITECTURES, DECODERS, ENCODERS, VOCAB, default_task, tiny_model  # noqa: E402
 
@@ -85,15 +86,16 @@ _EXPORTS: dict = {}
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(arch, task, dtype) -> (PeftModel, folder); one export per combination for the whole module."""
+    """(arch, task, dtype, exporter) -> (PeftModel, folder); one export per combination for the whole module."""
 
-    def get(arch: str, task: str | None = None, dtype: str = "float32"):
+    def get(arch: str, task: str | None = None, dtype: str = "float32", exporter: str = DYNAMO):
         task = task or default_task(arch)
-        if (arch, task, dtype) not in _EXPORTS:
+        key = (arch, task, dtype, exporter)
+        if key not in _EXPORTS:
             model = peft_model(arch, task)
-            folder = export(model, tmp_path_factory.mktemp(f"{arch}-{task}-{dtype}") / "onnx", dtype=dtype)
-            _EXPORTS[(arch, task, dtype)] = (model, folder)
-        return _EXPORTS[(arch, task, dtype)]
+            folder = export(model, tmp_path_factory.mktemp("-".join(key)) / "onnx", dtype=dtype, exporter=exporter)
+            _EXPORTS[key] = (model, folder)
+        return _EXPORTS[key]
 
     yield get
     _EXPORTS.clear()
@@ -103,11 +105,15 @@ def exported(tmp_path_factory):
 # Every encoder with SEQ_CLS, plus one more task each, cycling so every task runs on several architectures.
 _OTHER_TASKS = ["TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"]
 ENCODER_CASES = [(a, "SEQ_CLS") for a in ENCODERS] + [(a, _OTHER_TASKS[i % 3]) for i, a in enumerate(ENCODERS)]
+# dynamo: one case per encoder, every task on at least one (tests/exporter_matrix.py says why not all)
+DYNAMO_ENCODER_CASES = [ENCODER_CASES[i + (i % 2) * len(ENCODERS)] for i in range(len(ENCODERS))]
+# architectures whose default-task graph the dynamo parity matrix exports (other tests reuse those folders)
+DYNAMO_DEFAULT_TASK = {a for a, task in DYNAMO_ENCODER_CASES if task == default_task(a)} | set(DECODERS)
 
 
-@pytest.mark.parametrize("arch,task", ENCODER_CASES)
-def test_encoder_parity_several_shapes_with_padding(exported, arch, task):
-    model, folder = exported(arch, task)
+@pytest.mark.parametrize("arch,task,exporter", over_exporters(ENCODER_CASES, dynamo=DYNAMO_ENCODER_CASES))
+def test_encoder_parity_several_shapes_with_padding(exported, arch, task, exporter):
+    model, folder = exported(arch, task, exporter=exporter)
     runtime = RUNTIME[task].from_pretrained(folder)
     for size, length, pad in [(1, 1, 0), (2, 6, 2), (4, 9, 5)]:
         inputs = batch(size, length, right_pad=pad, seed=size)
@@ -122,9 +128,9 @@ def test_encoder_parity_several_shapes_with_padding(exported, arch, task):
     assert parity["ok"] and parity["max_abs_diff"] <= parity["worst_bound"]
 
 
-@pytest.mark.parametrize("arch", DECODERS)
-def test_decoder_steps_from_empty_past(exported, arch):
-    model, folder = exported(arch)
+@pytest.mark.parametrize("arch,exporter", over_exporters(DECODERS))
+def test_decoder_steps_from_empty_past(exported, arch, exporter):
+    model, folder = exported(arch, exporter=exporter)
     runtime = ORTModelForCausalLM.from_pretrained(folder)
     for size, length, pad in [(1, 4, 0), (3, 5, 2)]:
         inputs = batch(size, length, left_pad=pad, seed=size)
@@ -149,9 +155,9 @@ def test_decoder_steps_from_empty_past(exported, arch):
             assert_parity(actual.logits, reference.logits, without_prefix=base.logits, context=(arch, size, step))
 
 
-@pytest.mark.parametrize("arch", DECODERS)
-def test_decoder_generate_gives_identical_tokens(exported, arch):
-    model, folder = exported(arch)
+@pytest.mark.parametrize("arch,exporter", over_exporters(DECODERS))
+def test_decoder_generate_gives_identical_tokens(exported, arch, exporter):
+    model, folder = exported(arch, exporter=exporter)
     runtime = ORTModelForCausalLM.from_pretrained(folder)
     inputs = batch(3, 5, left_pad=2, seed=7)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -166,9 +172,9 @@ def test_decoder_generate_gives_identical_tokens(exported, arch):
 
 
 # ------------------------------------------------------------------------------------------- graph contents
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_prefix_is_constant_initializers_and_mlp_is_absent(exported, arch):
-    model, folder = exported(arch)
+@pytest.mark.parametrize("arch,exporter", over_exporters(ARCHITECTURES, dynamo=DYNAMO_DEFAULT_TASK))
+def test_prefix_is_constant_initializers_and_mlp_is_absent(exported, arch, exporter):
+    model, folder = exported(arch, exporter=exporter)
     graph = onnx.load(str(folder / "model.onnx")).graph
     inputs = [i.name for i in graph.input]
     if arch in DECODERS:
@@ -196,14 +202,16 @@ def test_prefix_is_constant_initializers_and_mlp_is_absent(exported, arch):
     assert len(model.base_model.prefix_encoder().embedding.weight) == N
 
 
-def test_metadata_and_folder_contents(exported):
-    model, folder = exported("llama")
+@pytest.mark.parametrize("exporter", only(DYNAMO, TORCHSCRIPT))
+def test_metadata_and_folder_contents(exported, exporter):
+    model, folder = exported("llama", exporter=exporter)
     names = {p.name for p in folder.iterdir()}
     assert {"model.onnx", "config.json", "generation_config.json", "ptv2_export.json"} <= names
     metadata = json.loads((folder / "ptv2_export.json").read_text())
     assert metadata["adapters"] == ["default"] and metadata["num_virtual_tokens"] == N
     assert metadata["task"] == "CAUSAL_LM" and metadata["with_past"] is True
     assert metadata["optimum_task"] == "text-generation-with-past"
+    assert (metadata["exporter"], metadata["opset"]) == (exporter, 18 if exporter == DYNAMO else 17)
     assert {"torch", "transformers", "peft", "onnx", "onnxruntime", "ptv2_plugin"} <= set(metadata["versions"])
     parity = metadata["parity"]
     assert parity["ok"] is True and (parity["atol"], parity["rtol"]) == (1e-5, 1e-4)
@@ -212,8 +220,8 @@ def test_metadata_and_folder_contents(exported):
 
 
 # ---------------------------------------------------------------------------------------------- variants
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_decoder_classification_and_no_past_graphs(tmp_path, arch):
+@pytest.mark.parametrize("arch,exporter", over_exporters(["llama", "qwen2"], dynamo={"llama"}))
+def test_decoder_classification_and_no_past_graphs(tmp_path, arch, exporter):
     model = peft_model(arch, "SEQ_CLS")
     model.config.pad_token_id = 0
     folder = export(model, tmp_path / "cls")
@@ -232,9 +240,9 @@ def test_decoder_classification_and_no_past_graphs(tmp_path, arch):
     assert runtime.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0).tolist() == expected.tolist()
 
 
-@pytest.mark.parametrize("arch", ENCODERS + ["llama"])
-def test_float16_export_on_cpu(exported, arch):
-    model, folder = exported(arch, dtype="float16")
+@pytest.mark.parametrize("arch,exporter", over_exporters(ENCODERS + ["llama"], dynamo={"bert", "llama"}))
+def test_float16_export_on_cpu(exported, arch, exporter):
+    model, folder = exported(arch, dtype="float16", exporter=exporter)
     proto = onnx.load(str(folder / "model.onnx"))
     fp16 = onnx.TensorProto.FLOAT16
     assert all(o.type.tensor_type.elem_type == fp16 for o in proto.graph.output)
@@ -255,9 +263,9 @@ def test_float16_export_on_cpu(exported, arch):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("arch", ENCODERS)
-def test_validation_fails_when_the_prefix_is_zeroed_or_dropped(exported, tmp_path, arch, dtype):
-    model, folder = exported(arch, dtype=dtype)
+@pytest.mark.parametrize("arch,exporter", over_exporters(ENCODERS, dynamo={"bert"}))
+def test_validation_fails_when_the_prefix_is_zeroed_or_dropped(exported, tmp_path, arch, dtype, exporter):
+    model, folder = exported(arch, dtype=dtype, exporter=exporter)
     assert check_parity(model, folder).ok
     zeroed = check_parity(model, zero_prefix(folder, tmp_path / "zeroed"))
     assert not zeroed.ok, zeroed.lines()
@@ -266,8 +274,8 @@ def test_validation_fails_when_the_prefix_is_zeroed_or_dropped(exported, tmp_pat
     assert not dropped.ok, dropped.lines()
 
 
-@pytest.mark.parametrize("arch", ["distilbert", "llama"])
-def test_export_discards_a_graph_whose_prefix_was_zeroed(tmp_path, monkeypatch, arch):
+@pytest.mark.parametrize("arch,exporter", over_exporters(["distilbert", "llama"], dynamo=()))
+def test_export_discards_a_graph_whose_prefix_was_zeroed(tmp_path, monkeypatch, arch, exporter):
     plan_module = importlib.import_module("exporters.onnx.plan")
     frozen = plan_module.frozen_prefix
     monkeypatch.setattr(plan_module, "frozen_prefix",
@@ -277,8 +285,8 @@ def test_export_discards_a_graph_whose_prefix_was_zeroed(tmp_path, monkeypatch, 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
-def test_multi_adapter_export_selects_prefix_per_row(tmp_path, arch):
+@pytest.mark.parametrize("arch,exporter", over_exporters(["bert", "llama"], dynamo={"bert"}))
+def test_multi_adapter_export_selects_prefix_per_row(tmp_path, arch, exporter):
     task = default_task(arch)
     model = peft_model(arch, name="a")
     torch.manual_seed(1)
@@ -307,8 +315,8 @@ def test_multi_adapter_export_selects_prefix_per_row(tmp_path, arch):
         runtime(**inputs)
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
-def test_multi_adapter_export_with_different_prefix_lengths(tmp_path, arch):
+@pytest.mark.parametrize("arch,exporter", over_exporters(["bert", "llama"], dynamo={"llama"}))
+def test_multi_adapter_export_with_different_prefix_lengths(tmp_path, arch, exporter):
     """Prefixes of 3 and 6 tokens share one graph: padded to 6, the padding masked per row, so every row matches
     PyTorch running its adapter alone (the export's own parity check also steps decoders with past per adapter)."""
     task = default_task(arch)

@@ -29,6 +29,7 @@ from exporters.onnx.seq2seq import slot_locations  # noqa: E402
 from ptv2_plugin import PTuningV2Config  # noqa: E402
 from ptv2_plugin.architectures import CROSS_ATTENTION, DECODER_SELF_ATTENTION, ENCODER_SELF_ATTENTION  # noqa: E402
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs  # noqa: E402
+from tests.exporter_matrix import DYNAMO, only, over_exporters  # noqa: E402
 from tests.parity import assert_parity  # noqa: E402
 from tests.tiny_models import SEQ2SEQ, VOCAB, tiny_model  # noqa: E402
 
@@ -58,23 +59,23 @@ _EXPORTS: dict = {}
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """arch -> (PeftModel, folder, ORTModelForSeq2SeqLM); one validated export per architecture for the module."""
+    """(arch, exporter) -> (PeftModel, folder, ORTModelForSeq2SeqLM); one validated export per pair for the module."""
 
-    def get(arch: str):
-        if arch not in _EXPORTS:
+    def get(arch: str, exporter: str = DYNAMO):
+        if (arch, exporter) not in _EXPORTS:
             model = peft_model(arch)
-            folder = export(model, tmp_path_factory.mktemp(arch) / "onnx")
-            _EXPORTS[arch] = (model, folder, ORTModelForSeq2SeqLM.from_pretrained(folder))
-        return _EXPORTS[arch]
+            folder = export(model, tmp_path_factory.mktemp(f"{arch}-{exporter}") / "onnx", exporter=exporter)
+            _EXPORTS[(arch, exporter)] = (model, folder, ORTModelForSeq2SeqLM.from_pretrained(folder))
+        return _EXPORTS[(arch, exporter)]
 
     yield get
     _EXPORTS.clear()
 
 
 # ----------------------------------------------------------------------------------------------------- parity
-@pytest.mark.parametrize("arch", SEQ2SEQ)
-def test_parity_several_shapes_with_padded_encoder_rows(exported, arch):
-    model, folder, runtime = exported(arch)
+@pytest.mark.parametrize("arch,exporter", over_exporters(SEQ2SEQ))
+def test_parity_several_shapes_with_padded_encoder_rows(exported, arch, exporter):
+    model, folder, runtime = exported(arch, exporter=exporter)
     for batch, length, pad, decoder_length in [(1, 1, 0, 1), (2, 6, 2, 3), (4, 9, 5, 5)]:
         inputs = encoder_batch(batch, length, pad, seed=batch)
         decoder_ids = torch.randint(3, VOCAB, (batch, decoder_length), generator=torch.Generator().manual_seed(9))
@@ -92,9 +93,9 @@ def test_parity_several_shapes_with_padded_encoder_rows(exported, arch):
     assert parity["ok"] and parity["cases"] >= 10
 
 
-@pytest.mark.parametrize("arch", SEQ2SEQ)
-def test_decoder_steps_from_empty_past_and_caches_hold_real_tokens_only(exported, arch):
-    model, _, runtime = exported(arch)
+@pytest.mark.parametrize("arch,exporter", over_exporters(SEQ2SEQ))
+def test_decoder_steps_from_empty_past_and_caches_hold_real_tokens_only(exported, arch, exporter):
+    model, _, runtime = exported(arch, exporter=exporter)
     inputs = encoder_batch(3, 7, pad=3, seed=5)
     start = torch.full((3, 1), model.config.decoder_start_token_id)
     with torch.no_grad():
@@ -125,9 +126,9 @@ def test_decoder_steps_from_empty_past_and_caches_hold_real_tokens_only(exported
                          decoder_input_ids=token, **cache_kwargs(cache_from_output(actual)))
 
 
-@pytest.mark.parametrize("arch", SEQ2SEQ)
-def test_generate_gives_identical_tokens(exported, arch):
-    model, _, runtime = exported(arch)
+@pytest.mark.parametrize("arch,exporter", over_exporters(SEQ2SEQ))
+def test_generate_gives_identical_tokens(exported, arch, exporter):
+    model, _, runtime = exported(arch, exporter=exporter)
     inputs = encoder_batch(3, 6, pad=2, seed=7)
     with torch.no_grad():
         free = model.generate(**inputs, max_new_tokens=7, min_new_tokens=7, do_sample=False)
@@ -154,9 +155,9 @@ def test_generate_gives_identical_tokens(exported, arch):
 
 
 # ------------------------------------------------------------------------------------------- graph contents
-@pytest.mark.parametrize("arch", SEQ2SEQ)
-def test_prefix_initializers_per_graph_no_prefix_input_no_mlp(exported, arch):
-    model, folder, _ = exported(arch)
+@pytest.mark.parametrize("arch,exporter", over_exporters(SEQ2SEQ))
+def test_prefix_initializers_per_graph_no_prefix_input_no_mlp(exported, arch, exporter):
+    model, folder, _ = exported(arch, exporter=exporter)
     assert {p.name for p in folder.iterdir()} >= {*FILES, "config.json", "generation_config.json", "ptv2_export.json"}
     prefix = model.base_model.prefix_encoder().all_key_values()
     locations = slot_locations(model.base_model.model, "default")
@@ -220,7 +221,8 @@ def test_no_cross_attention_prefix_and_no_past_export(tmp_path):
         runtime(**inputs, decoder_input_ids=expected[:, 1:2], **cache_kwargs(cache_from_output(first)))
 
 
-def test_multi_adapter_seq2seq_export_selects_prefix_per_row(tmp_path):
+@pytest.mark.parametrize("exporter", only(DYNAMO))
+def test_multi_adapter_seq2seq_export_selects_prefix_per_row(tmp_path, exporter):
     model = peft_model("bart", name="a")
     torch.manual_seed(1)
     model.add_adapter("b", PTuningV2Config(task_type=TASK, num_virtual_tokens=N, prefix_init_std=1.0))

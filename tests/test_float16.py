@@ -21,6 +21,7 @@ from onnx.reference import ReferenceEvaluator  # noqa: E402
 
 from exporters.onnx import ORTModelForCausalLM, ORTModelForSequenceClassification, export  # noqa: E402
 from exporters.onnx.float16 import convert_to_float16, float32_nodes  # noqa: E402
+from tests.exporter_matrix import DYNAMO, over_exporters  # noqa: E402
 from tests.parity import assert_parity  # noqa: E402
 from tests.test_export_onnx import batch, peft_model  # noqa: E402
 
@@ -131,17 +132,18 @@ def scaled(tmp_path_factory):
     """arch -> (model, folder, inputs, max |activation| in PyTorch) for a model whose activations exceed 300."""
     cache = {}
 
-    def get(arch: str):
-        if arch not in cache:
+    def get(arch: str, exporter: str = DYNAMO):
+        if (arch, exporter) not in cache:
             model = peft_model(arch)
             with torch.no_grad():
                 model.get_input_embeddings().weight.mul_(SCALE[arch])
             inputs = batch(3, 6, right_pad=2 if arch == "bert" else 0, seed=5)
             if arch == "llama":
                 inputs["position_ids"] = torch.arange(6).expand(3, 6)
-            folder = export(model, tmp_path_factory.mktemp(arch) / "fp16", dtype="float16")  # validation passes
-            cache[arch] = (model, folder, inputs, _max_activation(model, inputs))
-        return cache[arch]
+            folder = export(model, tmp_path_factory.mktemp(f"{arch}-{exporter}") / "fp16", dtype="float16",
+                            exporter=exporter)  # validation passes
+            cache[(arch, exporter)] = (model, folder, inputs, _max_activation(model, inputs))
+        return cache[(arch, exporter)]
 
     return get
 
@@ -158,9 +160,9 @@ def _max_activation(model, inputs) -> float:
         return max(h.abs().max().item() for h in hidden)
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert"])
-def test_float16_graph_survives_activations_beyond_half_range(scaled, arch):
-    model, folder, inputs, activation = scaled(arch)
+@pytest.mark.parametrize("arch,exporter", over_exporters(["llama", "bert"], dynamo={"bert"}))
+def test_float16_graph_survives_activations_beyond_half_range(scaled, arch, exporter):
+    model, folder, inputs, activation = scaled(arch, exporter)
     assert activation > 300  # its square is past float16's 65504
     with torch.no_grad():
         expected = model(**inputs).logits
@@ -177,9 +179,9 @@ def test_float16_graph_survives_activations_beyond_half_range(scaled, arch):
     assert_parity(evaluator.run(["logits"], feed)[0], expected, dtype="float16", context="reference evaluator")
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert"])
-def test_written_float16_graph_keeps_norms_and_softmax_in_float32(scaled, arch):
-    _, folder, _, _ = scaled(arch)
+@pytest.mark.parametrize("arch,exporter", over_exporters(["llama", "bert"], dynamo={"bert"}))
+def test_written_float16_graph_keeps_norms_and_softmax_in_float32(scaled, arch, exporter):
+    _, folder, _, _ = scaled(arch, exporter)
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(folder / "model.onnx"))).graph
     types = _types(graph)
 

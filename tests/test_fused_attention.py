@@ -26,6 +26,7 @@ from exporters.onnx.fused_attention import (  # noqa: E402
 )
 from ptv2_plugin import PTuningV2Config  # noqa: E402
 from ptv2_plugin.attention import ActivePrefix, active_prefix  # noqa: E402
+from tests.exporter_matrix import DYNAMO, TORCHSCRIPT, only, over_exporters  # noqa: E402
 from tests.parity import assert_parity  # noqa: E402
 from tests.test_export_onnx import N, batch, peft_model, without_prefix  # noqa: E402
 from tests.tiny_models import TRANSFORMERS_5  # noqa: E402
@@ -47,8 +48,8 @@ def _graph(folder):
 
 
 # ------------------------------------------------------------------------------------------ the fused graph
-@pytest.mark.parametrize("arch", ["bert", "roberta", "electra", "distilbert"])
-def test_every_prefixed_layer_is_one_fused_node_with_parity(tmp_path, arch):
+@pytest.mark.parametrize("arch,exporter", over_exporters(["bert", "roberta", "electra", "distilbert"], dynamo={"bert"}))
+def test_every_prefixed_layer_is_one_fused_node_with_parity(tmp_path, arch, exporter):
     model, messages = peft_model(arch), []
     folder = export(model, tmp_path / arch, task="SEQ_CLS", progress=messages.append)
     graph = _graph(folder)
@@ -73,7 +74,8 @@ def test_every_prefixed_layer_is_one_fused_node_with_parity(tmp_path, arch):
                       context=(arch, size, length, pad))
 
 
-def test_fused_graph_survives_ort_transformer_optimizer(tmp_path):
+@pytest.mark.parametrize("exporter", only(DYNAMO, TORCHSCRIPT))
+def test_fused_graph_survives_ort_transformer_optimizer(tmp_path, exporter):
     from onnxruntime.transformers.optimizer import optimize_model
 
     model = peft_model("bert")
@@ -92,7 +94,8 @@ def test_fused_graph_survives_ort_transformer_optimizer(tmp_path):
     assert_parity(_run(_session(path), inputs), expected, without_prefix=without_prefix(model, **inputs).logits)
 
 
-def test_multi_adapter_graph_fuses_with_per_row_prefix(tmp_path):
+@pytest.mark.parametrize("exporter", only(DYNAMO, TORCHSCRIPT))
+def test_multi_adapter_graph_fuses_with_per_row_prefix(tmp_path, exporter):
     model = peft_model("bert", name="a")
     torch.manual_seed(1)
     model.add_adapter("b", PTuningV2Config(task_type="SEQ_CLS", num_virtual_tokens=N, prefix_init_std=1.0))
@@ -132,7 +135,8 @@ def test_only_prefixed_layers_fuse(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- fallbacks
-def test_disabled_writes_plain_ops_only(tmp_path):
+@pytest.mark.parametrize("exporter", only(DYNAMO, TORCHSCRIPT))
+def test_disabled_writes_plain_ops_only(tmp_path, exporter):
     folder = export(peft_model("bert"), tmp_path / "plain", fused_attention=False, validate=False)
     graph = _graph(folder)
     assert count_fused(graph) == 0 and not any(node.domain for node in graph.node)

@@ -22,6 +22,7 @@ from exporters.onnx import (  # noqa: E402
 )
 from ptv2_plugin import PTuningV2Config  # noqa: E402
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs  # noqa: E402
+from tests.exporter_matrix import DYNAMO, TORCHSCRIPT, only  # noqa: E402
 from tests.parity import assert_parity  # noqa: E402
 from tests.test_export_onnx import batch, peft_model  # noqa: E402
 from tests.tiny_models import tiny_model  # noqa: E402
@@ -49,15 +50,15 @@ def deployed(tmp_path_factory):
     """arch -> (PeftModel, graph folder, {adapter: file}); the graph is exported once, with adapter "a"."""
     cache = {}
 
-    def get(arch: str):
-        if arch not in cache:
-            root = tmp_path_factory.mktemp(f"swap-{arch}")
+    def get(arch: str, exporter: str = DYNAMO):
+        if (arch, exporter) not in cache:
+            root = tmp_path_factory.mktemp(f"swap-{arch}-{exporter}")
             model = several_adapters(arch)
-            folder = export(model, root / "graph", adapter_name="a", prefix_as="adapter_inputs")
+            folder = export(model, root / "graph", adapter_name="a", prefix_as="adapter_inputs", exporter=exporter)
             files = {name: export_prefix_adapter(model, root / f"{name}.onnx_adapter", adapter_name=name)
                      for name in ADAPTERS}
-            cache[arch] = (model, folder, files)
-        return cache[arch]
+            cache[(arch, exporter)] = (model, folder, files)
+        return cache[(arch, exporter)]
 
     return get
 
@@ -92,9 +93,10 @@ def test_swappable_graph_is_an_ordinary_export(deployed):
     assert not [p for p in folder.parent.iterdir() if ".ptv2-new-" in p.name or ".ptv2-old-" in p.name]
 
 
+@pytest.mark.parametrize("exporter", only(DYNAMO, TORCHSCRIPT))
 @pytest.mark.parametrize("io_binding", [False, True])
-def test_encoder_each_adapter_file_matches_pytorch(deployed, io_binding):
-    model, folder, files = deployed("bert")
+def test_encoder_each_adapter_file_matches_pytorch(deployed, io_binding, exporter):
+    model, folder, files = deployed("bert", exporter)
     runtime = load(folder, use_io_binding=io_binding)
     session = runtime.session
     for name, path in files.items():
@@ -111,8 +113,9 @@ def test_encoder_each_adapter_file_matches_pytorch(deployed, io_binding):
     assert_parity(default, outputs["a"], context="bert graph's own adapter")
 
 
-def test_decoder_each_adapter_with_past_and_generate(deployed):
-    model, folder, files = deployed("llama")
+@pytest.mark.parametrize("exporter", only(DYNAMO, TORCHSCRIPT))
+def test_decoder_each_adapter_with_past_and_generate(deployed, exporter):
+    model, folder, files = deployed("llama", exporter)
     runtime = load(folder)
     for name, path in files.items():
         runtime.load_prefix_adapter(path, name)

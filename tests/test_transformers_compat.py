@@ -26,6 +26,7 @@ from ptv2_plugin.transformers_compat import (  # noqa: E402
     checkpointing_enabled,
     enable_checkpointing,
 )
+from tests.exporter_matrix import DYNAMO, only  # noqa: E402
 from tests.tiny_models import sample_inputs, tiny_model  # noqa: E402
 
 DEPRECATED = r".*(past_key_values|cache_params).*"
@@ -87,7 +88,8 @@ def test_forward_and_generate_use_the_current_name(cache_deprecations_are_errors
     assert tokens.shape == (2, 7)
 
 
-def test_export_and_ort_generate_use_the_current_name(cache_deprecations_are_errors, tmp_path):
+@pytest.mark.parametrize("exporter", only(DYNAMO))
+def test_export_and_ort_generate_use_the_current_name(cache_deprecations_are_errors, tmp_path, exporter):
     model = _decoder("llama").eval()
     folder = export(model, tmp_path / "llama")  # traces with a cache and validates step by step
     runtime = ORTModelForCausalLM.from_pretrained(folder)

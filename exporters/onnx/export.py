@@ -64,6 +64,7 @@ def export(
     prefix_capacity: int | None = None,
     tokenizer: Any = None,
     progress: Callable[[str], None] | None = None,
+    exporter: str | None = None,
 ) -> Path:
     """Write ``model.onnx`` (prefix frozen in), ``config.json``, tokenizer files and ``ptv2_export.json``.
 
@@ -96,13 +97,18 @@ def export(
     (with ``"adapter_inputs"``) gives the prefix room for up to that many tokens, so adapters of different lengths
     share the graph: their files are padded to it (``export_prefix_adapter(..., prefix_capacity=...)``) and a
     ``ptv2.prefix.length`` input masks the padding (attention then runs as plain ops, not the fused kernel).
+
+    ``exporter``: ``"dynamo"`` (default, ``torch.export``-based) or ``"torchscript"`` (torch's deprecated legacy
+    tracer, kept as a fallback); both write the same graph names, initializers and metadata (``graph_export.py``).
+    ``None`` picks dynamo unless the case needs the fallback (an opset below 18), and says why.
     """
     say = progress or logger.info
     output_dir = Path(output_dir)
     check_output_dir(output_dir, force)
     plan = plan_export(model, base_model=base_model, task=task, opset=opset, dtype=dtype, with_past=with_past,
                        device=device, adapter_name=adapter_name, adapters=adapters, fused_attention=fused_attention,
-                       prefix_as=prefix_as, prefix_capacity=prefix_capacity, say=say)
+                       prefix_as=prefix_as, prefix_capacity=prefix_capacity, say=say,
+                       exporter=exporter)
     with replace_folder(output_dir, before_swap=lambda: check_output_dir(output_dir, force)) as staging:
         say(f"Preparing {type(plan.inner).__name__} ({plan.task}, adapters {plan.adapters}, {dtype}, {device})")
         work = _working_copy(plan.peft_model, plan.device)
@@ -124,7 +130,7 @@ def export(
 def _trace_graphs(plan: ExportPlan, inner: torch.nn.Module, staging: Path, say) -> int:
     """Trace, post-process and (where planned) fuse every graph of the plan into ``staging``; returns the number
     of fused attention nodes written."""
-    say(f"Tracing with torch.onnx (TorchScript exporter, opset {plan.opset})")
+    say(f"Tracing with torch.onnx ({plan.exporter} exporter, opset {plan.opset})")
     (staging / "trace").mkdir()
     fused_layers = 0
     for graph in plan.graphs:

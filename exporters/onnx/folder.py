@@ -113,6 +113,7 @@ def build_metadata(plan: ExportPlan, fused_layers: int, base_fingerprint: str | 
         "num_virtual_tokens_per_adapter": {n: peft_model.peft_config[n].num_virtual_tokens for n in names},
         "base_model_name_or_path": first.base_model_name_or_path,
         "dtype": plan.dtype if isinstance(plan.dtype, str) else str(plan.dtype).replace("torch.", ""),
+        "exporter": plan.exporter,
         "opset": plan.opset,
         "with_past": with_past,
         "inputs": graph.inputs + ids,

@@ -130,6 +130,18 @@ class PrefixMultiHeadAttention(torch.autograd.Function):
         return out
 
 
+def multi_head_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding: torch.Tensor,
+                         num_heads: int, scale: float) -> torch.Tensor:
+    """The fused node under either exporter: ``torch.export`` (dynamo) records ``torch.onnx.ops.symbolic`` as the
+    node itself; the TorchScript tracer honours ``PrefixMultiHeadAttention.symbolic``."""
+    if torch.compiler.is_exporting():
+        return torch.onnx.ops.symbolic(
+            f"{DOMAIN}::{FUSED_OP}", (query, key, value, None, key_padding),
+            {"num_heads": num_heads, "scale": scale}, dtype=query.dtype, shape=query.shape, version=1,
+        )
+    return PrefixMultiHeadAttention.apply(query, key, value, key_padding, num_heads, scale)
+
+
 def _skip_reason(module, query, key, prefix, trace: FusedTrace, kwargs: dict) -> str | None:
     if prefix.visible is not None:
         return "rows see different parts of the prefix"
@@ -164,8 +176,8 @@ def _fused_or(original):
         keys, values = prepend_prefix(prefix, key, value)
         scale = kwargs.get("scaling") or head_dim**-0.5
         flat_query = query.transpose(1, 2).reshape(batch, length, heads * head_dim)
-        out = PrefixMultiHeadAttention.apply(flat_query, keys, values, trace.key_padding(prefix.length), int(heads),
-                                             float(scale))
+        out = multi_head_attention(flat_query, keys, values, trace.key_padding(prefix.length), int(heads),
+                                   float(scale))
         trace.fused += 1
         return out.view(batch, length, heads, head_dim), None
 
@@ -205,7 +217,7 @@ def _fused_forward(module: torch.nn.Module, original):
         key, value = module.key(hidden_states), module.value(hidden_states)  # the plugin's hooks prepend the prefix
         heads = int(module.num_attention_heads)
         scale = float(module.query.out_features // heads) ** -0.5  # static: a traced shape would become an input
-        out = PrefixMultiHeadAttention.apply(query, key, value, trace.key_padding(prefix.length), heads, scale)
+        out = multi_head_attention(query, key, value, trace.key_padding(prefix.length), heads, scale)
         trace.fused += 1
         return out, None
 

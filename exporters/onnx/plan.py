@@ -18,6 +18,7 @@ import torch
 from . import layout as L
 from .adapter_tensors import frozen_prefix, prefix_visibility, swappable_extras
 from .fused_attention import parse_option, unsupported_reason
+from .graph_export import resolve_exporter
 from .model_source import resolve_adapters, resolve_model, resolve_task
 from .seq2seq import part_slots
 
@@ -59,6 +60,7 @@ class ExportPlan:
     with_past: bool
     dtype: str  # as the caller named it (recorded in the metadata)
     torch_dtype: torch.dtype
+    exporter: str  # "dynamo" or "torchscript" (graph_export.py)
     opset: int
     device: torch.device
     fused: bool | str
@@ -77,9 +79,10 @@ class ExportPlan:
 def plan_export(model: Any, *, base_model: Any, task: str | None, opset: int | None, dtype: str,
                 with_past: bool | None, device: str, adapter_name: str | None, adapters: Sequence[str] | None,
                 fused_attention: bool | str, prefix_as: str, prefix_capacity: int | None,
-                say: Callable[[str], None]) -> ExportPlan:
+                say: Callable[[str], None], exporter: str | None = None) -> ExportPlan:
     """Resolve the model and every option of ``export`` (see there); raises on any combination it cannot export."""
     torch_dtype = parse_dtype(dtype)
+    exporter, opset = resolve_exporter(exporter, opset, say)
     peft_model, source_dirs = resolve_model(model, base_model, task, say)
     task = resolve_task(peft_model, task)
     names = resolve_adapters(peft_model, adapter_name, adapters)
@@ -95,7 +98,7 @@ def plan_export(model: Any, *, base_model: Any, task: str | None, opset: int | N
     plan = ExportPlan(
         peft_model=peft_model, source_dirs=source_dirs, task=task, adapters=names, multi=multi, prefix_as=prefix_as,
         prefix_capacity=prefix_capacity, with_past=with_past, dtype=dtype, torch_dtype=torch_dtype,
-        opset=int(opset or L.DEFAULT_OPSET), device=torch.device(device),
+        exporter=exporter, opset=opset, device=torch.device(device),
         fused=_resolve_fused(parse_option(fused_attention), task, peft_model, torch_dtype, say),
         visible=prefix_visibility(peft_model, names),
     )

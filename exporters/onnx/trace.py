@@ -1,11 +1,11 @@
 """The trace corridor: one function traces any graph of a plan, a single ``model.onnx`` or an encoder-decoder part.
 
-Exporter choice: the TorchScript tracer (``torch.onnx.export(..., dynamo=False)``), as optimum-onnx does, called in
-exactly one place (``_export_graph``). The prefix reaches attention through plain Python (a ContextVar, a config
-view, forward hooks) that the tracer simply runs, on both transformers lanes and for encoders as well as decoders
-with a ``DynamicCache``. The tracer records shapes as ops, so one trace serves every batch size, length and past
-length, including an empty past. Known price: data-dependent Python branches are baked in, which is why sample
-inputs contain a padded row and why 4.5x masks are swapped for broadcast ones (``model_patcher.py``).
+Exporter choice (``graph_export.export_graph``, called in exactly one place): torch.export-based (dynamo, the
+default) or torch's deprecated TorchScript tracer (fallback). The prefix reaches attention through plain Python (a
+ContextVar, a config view, forward hooks) that the tracer runs and torch.export's non-strict mode runs too, on both
+transformers lanes and for encoders as well as decoders with a ``DynamicCache``. One trace serves every batch size,
+length and past length, including an empty past. Known price: data-dependent Python branches are baked in, which
+is why sample inputs contain a padded row and why 4.5x masks are swapped for broadcast ones (``model_patcher.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 
 from . import layout as L
 from .caches import dynamic_cache, flatten_cache
+from .graph_export import export_graph
 from .model_patcher import ModelPatcher
 from .plan import ExportPlan, GraphPlan
 from .sample_inputs import sample_inputs
@@ -72,19 +73,10 @@ def trace_graph(model: nn.Module, plan: ExportPlan, graph: GraphPlan, path: Path
                            head_inputs=graph.head_inputs, fused=bool(graph.fused))
     with patcher:
         module = GraphModule(model, graph, patcher).eval()
-        _export_graph(module, tuple(args), path, input_names, graph.layout.outputs, dynamic_axes, plan.opset,
-                      custom_opsets={"com.microsoft": 1} if graph.fused else None)
+        export_graph(module, tuple(args), path, input_names=input_names, output_names=graph.layout.outputs,
+                     dynamic_axes=dynamic_axes, opset=plan.opset, exporter=plan.exporter,
+                     custom_opsets={"com.microsoft": 1} if graph.fused else None)
     return patcher.fused_trace.skipped if patcher.fused_trace is not None else []
-
-
-def _export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
-                  output_names: list[str], dynamic_axes: dict, opset: int,
-                  custom_opsets: dict[str, int] | None = None) -> None:
-    """The one call into torch.onnx: every graph of every export is written here."""
-    torch.onnx.export(
-        module, args, str(path), dynamo=False, opset_version=opset, input_names=input_names,
-        output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True, custom_opsets=custom_opsets,
-    )
 
 
 def graph_arguments(example: dict[str, torch.Tensor], graph: GraphPlan,

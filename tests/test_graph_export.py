@@ -1,0 +1,90 @@
+"""Exporter choice (``exporter="dynamo" | "torchscript"``): the default path is torch.export-based and warns nothing,
+the fallback is logged with its reason, and both write the same graph signature."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from exporters.cli import build_parser  # noqa: E402
+from exporters.onnx import export, graph_export  # noqa: E402
+from exporters.onnx.graph_export import DEFAULT_EXPORTER, DYNAMO_MIN_OPSET, resolve_exporter  # noqa: E402
+from tests.test_export_onnx import peft_model  # noqa: E402
+
+_LEGACY_WARNING = "legacy TorchScript-based ONNX export"
+
+
+def _torch_deprecations(caught: list[warnings.WarningMessage]) -> list[str]:
+    """Deprecation-type warnings raised from torch's code or about torch.onnx."""
+    torch_dir = str(Path(torch.__file__).parent)
+    kinds = (DeprecationWarning, FutureWarning, PendingDeprecationWarning)
+    return [f"{w.category.__name__}: {w.message} ({w.filename})" for w in caught if issubclass(w.category, kinds)
+            and (w.filename.startswith(torch_dir) or "torch.onnx" in str(w.message)
+                 or _LEGACY_WARNING in str(w.message))]
+
+
+def _signature(path: Path) -> list[tuple[str, list]]:
+    graph = onnx.load(str(path)).graph
+    return [(v.name, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
+            for v in (*graph.input, *graph.output)]
+
+
+def test_default_exporter_emits_no_torch_deprecation_and_matches_the_legacy_signature(tmp_path, monkeypatch):
+    """Decoder with a KV cache (the widest signature): the default export warns nothing from torch, while the
+    legacy one does (so the check can see the warning it guards against); inputs, outputs, axis labels and prefix
+    initializers are the same in both graphs."""
+    assert DEFAULT_EXPORTER == "dynamo"
+    monkeypatch.setattr(graph_export, "DEFAULT_EXPORTER", DEFAULT_EXPORTER)  # the library's, not the suite's pick
+    model = peft_model("llama")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        default = export(model, tmp_path / "default", validate=False)
+    assert _torch_deprecations(caught) == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        legacy = export(model, tmp_path / "legacy", validate=False, exporter="torchscript")
+    assert any(_LEGACY_WARNING in line for line in _torch_deprecations(caught))
+
+    assert _signature(default / "model.onnx") == _signature(legacy / "model.onnx")
+    labels = dict(_signature(default / "model.onnx"))
+    assert labels["attention_mask"] == ["batch_size", "past_sequence_length + sequence_length"]
+    assert labels["present.0.key"][2] == "past_sequence_length + sequence_length"
+    prefix = [sorted(t.name for t in onnx.load(str(folder / "model.onnx")).graph.initializer
+                     if t.name.startswith("ptv2.")) for folder in (default, legacy)]
+    assert prefix[0] == prefix[1] == [f"ptv2.prefix.{s}.{k}" for s in range(2) for k in ("key", "value")]
+    meta = [json.loads((folder / "ptv2_export.json").read_text()) for folder in (default, legacy)]
+    assert (meta[0]["exporter"], meta[0]["opset"]) == ("dynamo", DYNAMO_MIN_OPSET)
+    assert (meta[1]["exporter"], meta[1]["opset"]) == ("torchscript", 17)
+    same = {k for k in meta[0] if k not in ("exporter", "opset", "written_files")}
+    assert {k: meta[0][k] for k in same} == {k: meta[1][k] for k in same}
+
+
+def test_an_opset_below_18_falls_back_to_torchscript_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(graph_export, "DEFAULT_EXPORTER", DEFAULT_EXPORTER)
+    messages: list[str] = []
+    assert resolve_exporter(None, None, messages.append) == ("dynamo", DYNAMO_MIN_OPSET)
+    assert resolve_exporter(None, 17, messages.append) == ("torchscript", 17)
+    assert len(messages) == 1 and "Exporter: torchscript (fallback): opset 17 was requested" in messages[0]
+    assert resolve_exporter("torchscript", None, messages.append) == ("torchscript", 17)
+    assert resolve_exporter("dynamo", 19, messages.append) == ("dynamo", 19)
+    with pytest.raises(ValueError, match="exporter='dynamo' cannot apply: opset 17"):
+        resolve_exporter("dynamo", 17, messages.append)
+    with pytest.raises(ValueError, match="exporter must be one of"):
+        export(peft_model("bert"), tmp_path / "bad", exporter="jit")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_exporter_flag():
+    parser = build_parser()
+    base = ["--model", "m", "--adapter", "a", "--output", "o"]
+    assert parser.parse_args(base).exporter is None
+    assert parser.parse_args([*base, "--exporter", "torchscript"]).exporter == "torchscript"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--exporter", "jit"])
