@@ -97,20 +97,23 @@ def _export_dynamo(wrapper: nn.Module, args: Sequence[torch.Tensor], path: Path,
         )
     proto = program.model_proto
     rename_dims(proto.graph, dynamic_axes)
+    # torch.export annotates every intermediate value; the annotations go stale when post-processing changes a type
+    # (float16 conversion), which strict shape inference then rejects. Inference recomputes them.
+    del proto.graph.value_info[:]
     onnx.save_model(proto, str(path), save_as_external_data=size > _EXTERNAL_DATA_BYTES,
                     all_tensors_to_one_file=True, location=path.name + "_data" if size > _EXTERNAL_DATA_BYTES else None)
 
 
 def rename_dims(graph, dynamic_axes: Mapping[str, Mapping[int, str]]) -> None:
-    """Replace torch.export's symbolic dim names (``s0``, ``s0 + s1``) by the layout's labels, everywhere in the
-    graph (inputs, outputs, value_info), so the signature matches the TorchScript export's."""
+    """Replace torch.export's symbolic dim names (``s0``, ``s0 + s1``) by the layout's labels on the graph's inputs
+    and outputs, so the signature matches the TorchScript export's."""
     labels: dict[str, str] = {}
     for value in (*graph.input, *graph.output):
         for axis, label in dynamic_axes.get(value.name, {}).items():
             dims = value.type.tensor_type.shape.dim
             if axis < len(dims) and dims[axis].dim_param:
                 labels.setdefault(dims[axis].dim_param, label)
-    for value in (*graph.input, *graph.output, *graph.value_info):
+    for value in (*graph.input, *graph.output):
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in labels:
                 dim.dim_param = labels[dim.dim_param]
