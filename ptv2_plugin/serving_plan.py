@@ -73,12 +73,12 @@ class ServingPlanner:
 
     def install(self, model: nn.Module) -> list:
         """Publish the table around every forward of ``model`` (the post-hook runs even when the forward raises);
-        returns the hook handles."""
+        returns the hook handles. Bound methods, so a deep copy of the model publishes its own table."""
+        return [model.register_forward_pre_hook(self._publish),
+                model.register_forward_hook(self._withdraw, always_call=True)]
 
-        def publish(module: nn.Module, args: Any) -> None:
-            PLANNED_PREFIXES.set(self.table())
+    def _publish(self, module: nn.Module, args: Any) -> None:
+        PLANNED_PREFIXES.set(self.table())
 
-        def withdraw(module: nn.Module, args: Any, output: Any) -> None:
-            PLANNED_PREFIXES.set(None)
-
-        return [model.register_forward_pre_hook(publish), model.register_forward_hook(withdraw, always_call=True)]
+    def _withdraw(self, module: nn.Module, args: Any, output: Any) -> None:
+        PLANNED_PREFIXES.set(None)

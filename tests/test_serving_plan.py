@@ -7,6 +7,7 @@ layer then looks its prefix up itself, as before the fast path existed.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import pytest
@@ -233,3 +234,19 @@ def test_generation_takes_the_fast_path_and_matches_the_general_one():
         with general_path():
             general = model.generate(**inputs, **kwargs)
     assert torch.equal(fast, general)
+
+
+def test_a_deep_copy_serves_its_own_prefix_from_its_own_table():
+    model = make("bert")
+    inputs = sample_inputs("bert")
+    first = logits(model, inputs)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.base_model.prefix_encoder().transform[2].bias.add_(0.5)
+    with counting_lookups() as calls:
+        changed = logits(twin, inputs)
+        calls.clear()
+        assert torch.equal(logits(twin, inputs), changed) and calls == []  # the twin's table, not the original's
+    with general_path():
+        assert torch.equal(logits(twin, inputs), changed)
+    assert not torch.allclose(changed, first) and torch.equal(logits(model, inputs), first)
