@@ -13,7 +13,6 @@ base modules, and concurrent threads each see their own.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 PTUNING_V2_ATTENTION = "ptv2_prefixed"
 SUPPORTED_BASE_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -160,20 +160,12 @@ def base_attention_function(module: nn.Module) -> Callable:
     if implementation == "eager":
         function = sys.modules[type(module).__module__].eager_attention_forward
     elif implementation in SUPPORTED_BASE_IMPLEMENTATIONS:
-        function = _attention_functions()[implementation]
+        function = ALL_ATTENTION_FUNCTIONS[implementation]
     else:
         raise unsupported_backend(implementation, type(module).__name__)
     if view is not None:
         view.__dict__["_resolved"] = (implementation, function)
     return function
-
-
-@functools.cache
-def _attention_functions() -> Any:
-    """transformers' registry of attention functions (imported once, not on every layer's call)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return ALL_ATTENTION_FUNCTIONS
 
 
 def prefixed_attention(
@@ -226,7 +218,7 @@ def _match(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
 
 
 def _sdpa_would_be_causal(module: nn.Module, attend: Callable, query: torch.Tensor, kwargs: dict) -> bool:
-    if query.shape[2] <= 1 or attend is not _attention_functions().get("sdpa"):
+    if query.shape[2] <= 1 or attend is not ALL_ATTENTION_FUNCTIONS.get("sdpa"):
         return False
     is_causal = kwargs.get("is_causal")
     return bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
