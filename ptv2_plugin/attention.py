@@ -55,6 +55,8 @@ class ActivePrefix:
 
 _ACTIVE: ContextVar[ActivePrefix | None] = ContextVar("ptv2_active_prefix", default=None)
 ROW_ADAPTERS: ContextVar[list[str] | None] = ContextVar("ptv2_row_adapters", default=None)
+# Eval fast path (serving_plan.py): each prefixed layer's prefix, resolved once for the whole forward.
+PLANNED_PREFIXES: ContextVar[dict | None] = ContextVar("ptv2_planned_prefixes", default=None)
 
 
 def current_prefix() -> ActivePrefix | None:
@@ -147,8 +149,10 @@ def base_attention_function(module: nn.Module) -> Callable:
     Resolved once per implementation name and remembered on the module's config view (this runs in every layer of
     every forward); ``set_attn_implementation`` changes the name and so the answer.
     """
-    view = module.config if isinstance(module.config, PrefixedAttentionConfig) else None
-    config = view.base_config if view is not None else module.config
+    config = module.config
+    view = config if isinstance(config, PrefixedAttentionConfig) else None
+    if view is not None:
+        config = view.__dict__["_base"]
     implementation = config._attn_implementation or "eager"
     resolved = view.__dict__.get("_resolved") if view is not None else None
     if resolved is not None and resolved[0] == implementation:
@@ -214,7 +218,7 @@ def _match(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
 
 
 def _sdpa_would_be_causal(module: nn.Module, attend: Callable, query: torch.Tensor, kwargs: dict) -> bool:
-    if attend is not ALL_ATTENTION_FUNCTIONS.get("sdpa") or query.shape[2] <= 1:
+    if query.shape[2] <= 1 or attend is not ALL_ATTENTION_FUNCTIONS.get("sdpa"):
         return False
     is_causal = kwargs.get("is_causal")
     return bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
@@ -265,6 +269,15 @@ class InterfaceInjection(Injection):
         base_attention_function(self.module)  # fail now, not mid-forward, on an unsupported attention backend
         if not isinstance(self.module.config, PrefixedAttentionConfig):
             self.module.config = PrefixedAttentionConfig(self.module.config)
+
+    def __call__(self, prefix: ActivePrefix, args: tuple, kwargs: dict) -> Any:
+        # Nothing to do before or after the module: only the prefix for its attention function (every layer, every
+        # forward, so without the general path's two extra calls).
+        token = _ACTIVE.set(prefix)
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
 
     def remove(self) -> None:
         if isinstance(getattr(self.module, "config", None), PrefixedAttentionConfig):

@@ -9,10 +9,18 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .attention import ROW_ADAPTERS, ActivePrefix, Injection, InterfaceInjection, uses_attention_interface
+from .attention import (
+    PLANNED_PREFIXES,
+    ROW_ADAPTERS,
+    ActivePrefix,
+    Injection,
+    InterfaceInjection,
+    uses_attention_interface,
+)
 from .inline_attention import inline_injection
 
 BASE_ROW = "__base__"  # adapter name of mixed-batch rows that run the base model, as in PEFT's LoRA
+_UNPLANNED = object()
 
 
 class PTuningV2Layer(nn.Module, BaseTunerLayer):
@@ -93,6 +101,11 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
         return ActivePrefix(torch.stack(keys)[rows], torch.stack(values)[rows], torch.stack(visible)[rows])
 
     def forward(self, *args: Any, **kwargs: Any):
+        planned = PLANNED_PREFIXES.get()
+        if planned is not None and not self._disable_adapters:  # eval fast path: see serving_plan.py
+            prefix = planned.get(self, _UNPLANNED)
+            if prefix is not _UNPLANNED:
+                return self.base_layer(*args, **kwargs) if prefix is None else self.injection(prefix, args, kwargs)
         if self.disable_adapters:
             return self.base_layer(*args, **kwargs)
         row_adapters = ROW_ADAPTERS.get()

@@ -21,6 +21,7 @@ from .layer import BASE_ROW, PTuningV2Layer
 from .persistence import check_adapter_shapes
 from .positions import install_position_shift
 from .prefix_encoder import PrefixEncoder
+from .serving_plan import ServingPlanner
 from .transformers_compat import checkpointing_enabled
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class PTuningV2Model(BaseTuner):
             self._ptv2_hooks: list = [
                 _install_checkpointing_input_grads(model),
                 model.register_forward_pre_hook(self._check_inputs, with_kwargs=True),
+                _HookGroup(ServingPlanner(self).install(model)),
             ]
 
     def _check_inputs(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:

@@ -207,6 +207,23 @@ def test_inference_smoke(tmp_path):
     assert set(result["status"]["decoder"].values()) == {"ok"}
     assert set(result["decoder"][0]["tokens_per_second"]) == {"base", "ptv2", "peft_prefix"}
     assert (f"- `peft_prefix`: {PEFT_REFUSAL}" in (tmp_path / "report.md").read_text()) != PEFT_PREFIX_RUNS_ON_BERT
+    for row in result["encoder"]:  # every ratio with its interval; a verdict from the whole interval
+        low, high = row["ptv2_vs_base_interval"]
+        assert low <= row["ptv2_vs_base"] <= high
+    first = result["encoder"][0]
+    assert first["met"] == (first["verdict"] == "MET") and first["verdict"] in {"MET", "MISSED", "INCONCLUSIVE"}
+
+
+def test_inference_measures_adapters_as_served():
+    """Both adapters are saved and reloaded for inference (PEFT's prefix tuning then skips its MLP)."""
+    from benchmarks import inference
+
+    models, status = inference.prefix_models(common.tiny_backbone().make, 4, "SEQ_CLS")
+    adapters = [name for name in ("ptv2", "peft_prefix") if status[name] == "ok"]
+    assert "ptv2" in adapters
+    for name in adapters:
+        assert isinstance(models[name], peft.PeftModel) and models[name].peft_config["default"].inference_mode
+        assert not any(p.requires_grad for p in models[name].parameters())
 
 
 def test_scaling_smoke(tmp_path):

@@ -1,0 +1,84 @@
+"""Eval fast path: every layer's prefix resolved once per forward, not once per layer.
+
+While serving (eval, no gradient wanted for the prefix), each adapter's encoder already computes all of its layers'
+keys and values in one MLP run and caches them (``PrefixEncoder._serving_prefixes``). Fetching them from every layer
+still cost Python per layer on every forward: finding the encoder and slot, checking that the cache is fresh. Here
+a pre-hook on the base model does that check once per forward and publishes a ``{layer: prefix}`` table
+(``PLANNED_PREFIXES``) that the layers read with one lookup; a post-hook that also runs on errors clears it. The
+table itself is rebuilt only when something it depends on changes: the active adapters, the set of adapters, or an
+encoder's cache (new weights, ``train()``, ``to()``, ``load_state_dict``) -- the encoders' own freshness check decides.
+
+Everything the table does not cover takes the general per-layer path, unchanged: training, a prefix that needs
+gradients, mixed-adapter batches, tracing (exporters redirect where layers take their prefix from), adapters turned
+off with ``disable_adapter()``, and any call of a layer outside its model's forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .attention import PLANNED_PREFIXES, ROW_ADAPTERS, ActivePrefix
+from .input_checks import tracing
+from .layer import PTuningV2Layer
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A table and what it was built from (compared by identity: a fresh encoder cache is a new list)."""
+
+    adapters: tuple[str, ...]
+    active: tuple[str, ...]
+    sources: tuple[list[ActivePrefix], ...]
+    layers: dict[PTuningV2Layer, ActivePrefix | None]
+
+    def matches(self, adapters: tuple[str, ...], active: tuple[str, ...], sources: tuple[list, ...]) -> bool:
+        return (
+            self.adapters == adapters
+            and self.active == active
+            and len(self.sources) == len(sources)
+            and all(mine is theirs for mine, theirs in zip(self.sources, sources))
+        )
+
+
+class ServingPlanner:
+    """Owned by the tuner: builds (and keeps) the per-layer prefix table of the model's eval forwards."""
+
+    def __init__(self, tuner: nn.Module) -> None:
+        self.tuner = tuner
+        self._plan: _Plan | None = None
+
+    def table(self) -> dict[PTuningV2Layer, ActivePrefix | None] | None:
+        """The ``{layer: prefix}`` table for a forward starting now, or None where the general path must run."""
+        tuner = self.tuner
+        if ROW_ADAPTERS.get() is not None or tracing():
+            return None
+        encoders = tuner.__dict__["_modules"].get("ptv2_prefix_encoder")
+        active = tuple(tuner.active_adapters)
+        if encoders is None or not active or any(name not in encoders for name in active):
+            return None
+        chosen = [encoders[name] for name in active]
+        if not all(encoder._uses_cache() for encoder in chosen):
+            return None
+        sources = tuple(encoder._serving_prefixes() for encoder in chosen)
+        adapters = tuple(tuner.peft_config)
+        plan = self._plan
+        if plan is None or not plan.matches(adapters, active, sources):
+            layers = [m for m in tuner.model.modules() if isinstance(m, PTuningV2Layer)]
+            plan = _Plan(adapters, active, sources, {layer: layer.prefix(list(active)) for layer in layers})
+            self._plan = plan
+        return plan.layers
+
+    def install(self, model: nn.Module) -> list:
+        """Publish the table around every forward of ``model`` (the post-hook runs even when the forward raises);
+        returns the hook handles. Bound methods, so a deep copy of the model publishes its own table."""
+        return [model.register_forward_pre_hook(self._publish),
+                model.register_forward_hook(self._withdraw, always_call=True)]
+
+    def _publish(self, module: nn.Module, args: Any) -> None:
+        PLANNED_PREFIXES.set(self.table())
+
+    def _withdraw(self, module: nn.Module, args: Any, output: Any) -> None:
+        PLANNED_PREFIXES.set(None)
