@@ -65,6 +65,10 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
         """Keys/values of the given adapters, concatenated along the prefix axis, shaped (1, kv_heads, n, head_dim)."""
         if self.prefix_source is not None:
             return self.prefix_source(adapter_names)
+        return self.own_prefix(adapter_names)
+
+    def own_prefix(self, adapter_names: list[str]) -> ActivePrefix | None:
+        """``prefix`` from the adapters' own encoders, whatever ``prefix_source`` says (the serving table's source)."""
         if len(adapter_names) == 1:  # the common case, served from the encoder's cache without a copy
             found = self._encoder_slot(adapter_names[0])
             return None if found is None else found[0].slot_prefix(found[1])
@@ -102,7 +106,7 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
 
     def forward(self, *args: Any, **kwargs: Any):
         planned = PLANNED_PREFIXES.get()
-        if planned is not None and not self._disable_adapters:  # eval fast path: see serving_plan.py
+        if planned is not None and not self._disable_adapters and self.prefix_source is None:  # see serving_plan.py
             prefix = planned.get(self, _UNPLANNED)
             if prefix is not _UNPLANNED:
                 return self.base_layer(*args, **kwargs) if prefix is None else self.injection(prefix, args, kwargs)

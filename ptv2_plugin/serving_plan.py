@@ -9,8 +9,9 @@ table itself is rebuilt only when something it depends on changes: the active ad
 encoder's cache (new weights, ``train()``, ``to()``, ``load_state_dict``) -- the encoders' own freshness check decides.
 
 Everything the table does not cover takes the general per-layer path, unchanged: training, a prefix that needs
-gradients, mixed-adapter batches, tracing (exporters redirect where layers take their prefix from), adapters turned
-off with ``disable_adapter()``, and any call of a layer outside its model's forward.
+gradients, mixed-adapter batches, tracing, a layer whose ``prefix_source`` is set (exporters redirect where layers
+take their prefix from; the table is built from ``own_prefix``, so it never holds a redirected prefix), adapters
+turned off with ``disable_adapter()``, and any call of a layer outside its model's forward.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class ServingPlanner:
         plan = self._plan
         if plan is None or not plan.matches(adapters, active, sources):
             layers = [m for m in tuner.model.modules() if isinstance(m, PTuningV2Layer)]
-            plan = _Plan(adapters, active, sources, {layer: layer.prefix(list(active)) for layer in layers})
+            plan = _Plan(adapters, active, sources, {layer: layer.own_prefix(list(active)) for layer in layers})
             self._plan = plan
         return plan.layers
 

@@ -57,19 +57,19 @@ def both_paths(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 @contextmanager
 def counting_lookups():
-    """Counts per-layer prefix lookups (``PTuningV2Layer.prefix``), the per-layer work the table replaces."""
+    """Counts per-layer prefix lookups (``PTuningV2Layer.own_prefix``), the per-layer work the table replaces."""
     calls = []
-    original = PTuningV2Layer.prefix
+    original = PTuningV2Layer.own_prefix
 
     def prefix(self, names):
         calls.append(self)
         return original(self, names)
 
-    PTuningV2Layer.prefix = prefix
+    PTuningV2Layer.own_prefix = prefix
     try:
         yield calls
     finally:
-        PTuningV2Layer.prefix = original
+        PTuningV2Layer.own_prefix = original
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES + SEQ2SEQ)
