@@ -38,6 +38,7 @@ from .adapter_tensors import base_fingerprint, frozen_prefix, prefix_visibility,
 from .float16 import convert_to_float16
 from .fused_attention import FUSED_OP, count_fused, fused_prefix_attention, parse_option, unsupported_reason
 from .providers import CPU, CUDA
+from .quantize import check_min_agreement, parse_quantize
 from .tolerances import resolve_tolerance
 from .tracing import eval_mode, graph_arguments, heads_as_inputs, heads_from_feed, prefix_from_feed, traceable_masks
 
@@ -87,6 +88,8 @@ def export(
     prefix_capacity: int | None = None,
     tokenizer: Any = None,
     progress: Callable[[str], None] | None = None,
+    quantize: str | None = None,
+    min_agreement: float | None = None,
 ) -> Path:
     """Write ``model.onnx`` (prefix frozen in), ``config.json``, tokenizer files and ``ptv2_export.json``.
 
@@ -119,11 +122,18 @@ def export(
     (with ``"adapter_inputs"``) gives the prefix room for up to that many tokens, so adapters of different lengths
     share the graph: their files are padded to it (``export_prefix_adapter(..., prefix_capacity=...)``) and a
     ``ptv2.prefix.length`` input masks the padding (attention then runs as plain ops, not the fused kernel).
+
+    ``quantize="int8"``: every graph is dynamically quantized after export (``quantize.py``: int8 weight MatMuls,
+    prefix and heads float32). Validation then compares predictions instead of a float tolerance: it fails when the
+    argmax agreement with PyTorch is below ``min_agreement`` (default 0.95); agreement and max logit error are
+    recorded in ``ptv2_export.json`` under ``parity``, the quantization under ``quantization``.
     """
     say = progress or logger.info
     output_dir = Path(output_dir)
     check_output_dir(output_dir, force)
     torch_dtype = _parse_dtype(dtype)
+    quantization = parse_quantize(quantize, torch_dtype)
+    min_agreement = check_min_agreement(min_agreement, quantization)
     opset = int(opset or L.DEFAULT_OPSET)
     peft_model, source_dirs = _resolve_model(model, base_model, task, say)
     task = _resolve_task(peft_model, task)
@@ -174,6 +184,12 @@ def export(
             if fused and not graph.part:
                 _check_fused(fused, fused_here, len(slots), skipped, say)
         shutil.rmtree(staging / "trace")
+        quantized = None
+        if quantization:
+            from .quantize import quantize_graph
+
+            quantized = {name: quantize_graph(staging / name) for name in files}
+            say(f"Quantized to int8 (dynamic): {', '.join(f'{k} {v}' for k, v in quantized.items())}")
 
         inner.config.save_pretrained(staging)
         if task in GENERATIVE_TASKS and getattr(inner, "generation_config", None) is not None:
@@ -190,6 +206,7 @@ def export(
         metadata["base_fingerprint"] = base_fingerprint(peft_model) if swappable else None
         metadata["fused_attention"] = {"op": f"com.microsoft.{FUSED_OP}", "layers": fused_layers} if fused_layers \
             else None
+        metadata["quantization"] = {"scheme": quantization, "files": quantized} if quantized else None
         metadata_path = staging / L.METADATA_FILE_NAME
         metadata["written_files"] = sorted({p.name for p in staging.iterdir()} | {L.METADATA_FILE_NAME})
         metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
@@ -198,13 +215,23 @@ def export(
 
             provider = CUDA if torch.device(device).type == "cuda" else CPU
             tolerance = resolve_tolerance(torch_dtype, provider, atol=atol, rtol=rtol, tf32=tf32)
-            say(f"Validating against PyTorch on {provider} ({tolerance.describe()}{', TF32 on' if tf32 else ''})")
+            criterion = f"argmax agreement >= {min_agreement:.2%}" if quantized else tolerance.describe()
+            say(f"Validating against PyTorch on {provider} ({criterion}{', TF32 on' if tf32 else ''})")
             with eval_mode(work):
-                report = check_parity(work, staging, names if multi else None, provider=provider,
-                                      tolerance=tolerance, tf32=tf32)
+                if quantized:
+                    from .quantize import check_agreement
+
+                    report = check_agreement(work, staging, names if multi else None, provider=provider,
+                                             min_agreement=min_agreement)
+                else:
+                    report = check_parity(work, staging, names if multi else None, provider=provider,
+                                          tolerance=tolerance, tf32=tf32)
             metadata["parity"] = report.as_dict()
             for line in report.lines():
                 say(line)
+            if not report.ok and quantized:
+                raise ExportValidationError(f"The int8 graph's predictions differ from PyTorch's: "
+                                            f"{report.worst_detail()}. The export was discarded.")
             if not report.ok:
                 raise ExportValidationError(
                     f"ONNX Runtime output differs from PyTorch beyond {tolerance.describe()}: {report.worst_detail()}. "
