@@ -241,6 +241,22 @@ def train_adapter(backbone: common.Backbone, data: common.TextData, n: int, epoc
     return model, info
 
 
+def adapter_model(backbone: common.Backbone, data: common.TextData, args, work: Path):
+    """The trained adapter: trained now (and saved to ``work/adapter``), or reloaded from ``--adapter``."""
+    from peft import PeftModel
+
+    if args.adapter:
+        folder = Path(args.adapter)
+        model = PeftModel.from_pretrained(common.frozen_base(backbone), str(folder)).eval()
+        training = json.loads((folder / "training.json").read_text())
+        return model, {**training, "reused_from": str(folder)}
+    model, training = train_adapter(backbone, data, args.n, args.epochs)
+    training.update(train_examples=len(data.train_texts), epochs=args.epochs)
+    model.save_pretrained(str(work / "adapter"))
+    common.write_json(work / "adapter" / "training.json", training)
+    return model, training
+
+
 def dev_accuracy(sessions: dict[str, Any], model, dev: common.Encoded, batch_size: int = 64) -> dict[str, Any]:
     """Dev set through each ORT graph and PyTorch: accuracy, and for int8 vs float32 the agreement, max logit error
     and the accuracy difference with a paired bootstrap interval over examples."""
@@ -441,7 +457,9 @@ def report(result: dict, meta: dict) -> str:
         "",
         f"Adapter: trained {enc['training']['steps']} steps ({enc['training']['train_examples']} SST-2 train "
         f"examples, {enc['training']['epochs']} epoch, {enc['training']['train_seconds']:.0f} s), prefix MLP on, "
-        "so the graphs serve a trained prefix and head.",
+        "so the graphs serve a trained prefix and head"
+        + (f" (reused from an earlier run of this script: `{enc['training']['reused_from']}`)."
+           if "reused_from" in enc["training"] else "."),
         "",
         "## Ratios (geometric mean of per-round ratios, bootstrap 95% interval)",
         "",
@@ -523,6 +541,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--data", default=None, help="SST-2 folder (train.tsv, dev.tsv); default: the shared copy.")
     parser.add_argument("--work-dir", default=None, help="Where the ONNX graphs go (default: a temporary folder).")
+    parser.add_argument("--adapter", default=None,
+                        help="A folder this script saved (<work-dir>/adapter, with training.json): reuse its adapter "
+                        "instead of training one.")
     args = parser.parse_args(argv)
     out = common.setup(args, "onnx_inference")
     load_before = _load()
@@ -538,11 +559,10 @@ def main(argv=None) -> dict:
     else:
         backbone = common.minilm_backbone()
         data = common.load_sst2(args.data, train_size=args.train_size)
-    model, training = train_adapter(backbone, data, args.n, args.epochs)
-    training.update(train_examples=len(data.train_texts), epochs=args.epochs)
     with tempfile.TemporaryDirectory(prefix="ptv2-onnx-bench-") as tmp:
         work = Path(args.work_dir) if args.work_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        model, training = adapter_model(backbone, data, args, work)
         paths, op_counts_, models = encoder_graphs(model, backbone, work)
         check = common.random_batch(model.config.vocab_size, 4, 24, seed=3)
         check["attention_mask"][-1, -5:] = 0

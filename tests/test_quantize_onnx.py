@@ -54,10 +54,13 @@ def test_graph_runs_weight_matmuls_in_int8_and_keeps_the_prefix_float32(exports,
     graph = _graph(int8_folder)
     ops = [node.op_type for node in graph.node]
     assert ops.count("MatMulInteger") >= 4 and "DynamicQuantizeLinear" in ops
-    weights = {t.name for t in graph.initializer}
-    float_weight_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
-    assert float_weight_matmuls == []  # every MatMul with a constant weight was quantized
-    assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)  # QInt8 weights
+    weights = {t.name: list(t.dims) for t in graph.initializer}
+    float_weight_matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    # only down projections (weight rows > columns: feed-forward outputs, classifier heads) stay float32
+    assert float_weight_matmuls and all(weights[n.input[1]][0] > weights[n.input[1]][1] for n in float_weight_matmuls)
+    assert len(float_weight_matmuls) == len(Q.down_projections(_graph(float_folder)))
+    int8 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert len(int8) == ops.count("MatMulInteger")  # QInt8 weights, one per quantized MatMul
 
     prefix, reference = _initializers(graph, "ptv2.prefix."), _initializers(_graph(float_folder), "ptv2.prefix.")
     assert prefix and sorted(prefix) == sorted(reference)
