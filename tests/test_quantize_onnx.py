@@ -171,6 +171,8 @@ def test_bad_quantize_options_get_clear_errors(tmp_path):
         export(model, target, quantize="int4")
     with pytest.raises(ValueError, match="cannot combine with dtype='float16'"):
         export(model, target, quantize="int8", dtype="float16")
+    with pytest.raises(ValueError, match="not supported with prefix_as='adapter_inputs'"):
+        export(model, target, quantize="int8", prefix_as="adapter_inputs")
     with pytest.raises(ValueError, match="min_agreement applies to quantized exports"):
         export(model, target, min_agreement=0.9)
     with pytest.raises(ValueError, match=r"min_agreement must be in \(0, 1\]"):

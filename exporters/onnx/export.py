@@ -132,7 +132,7 @@ def export(
     output_dir = Path(output_dir)
     check_output_dir(output_dir, force)
     torch_dtype = _parse_dtype(dtype)
-    quantization = parse_quantize(quantize, torch_dtype)
+    quantization = parse_quantize(quantize, torch_dtype, prefix_as)
     min_agreement = check_min_agreement(min_agreement, quantization)
     opset = int(opset or L.DEFAULT_OPSET)
     peft_model, source_dirs = _resolve_model(model, base_model, task, say)

@@ -53,8 +53,9 @@ MIN_COSINE = 0.99  # feature extraction: every hidden-state vector at least this
 AGREEMENT_ROWS = (64, 16)  # one wider encoder batch, so the agreement rate rests on more than a handful of rows
 
 
-def parse_quantize(value: Any, dtype: torch.dtype) -> str | None:
-    """``None`` (float graph) or ``"int8"``; anything else, or int8 on a float16 export, is refused by name."""
+def parse_quantize(value: Any, dtype: torch.dtype, prefix_as: str = "constants") -> str | None:
+    """``None`` (float graph) or ``"int8"``; anything else, int8 on a float16 export or on a swappable-prefix graph
+    is refused by name."""
     if value is None or value is False:
         return None
     text = str(value).strip().lower()
@@ -64,6 +65,10 @@ def parse_quantize(value: Any, dtype: torch.dtype) -> str | None:
     if dtype != torch.float32:
         raise ValueError("quantize='int8' quantizes a float32 graph's weights; it cannot combine with "
                          "dtype='float16'. Export with dtype='float32' (the default).")
+    if prefix_as != "constants":
+        raise ValueError("quantize='int8' is not supported with prefix_as='adapter_inputs' yet: ONNX Runtime's "
+                         "quantizer rewrites the task head's Gemm and drops its overridable input, so adapter files "
+                         "would no longer bind. Use prefix_as='constants'.")
     return text
 
 
