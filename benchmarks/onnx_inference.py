@@ -398,6 +398,9 @@ def decoder_rows(make_base: Callable[[], torch.nn.Module], n: int, threads: int,
         tps = {name: batch * new_tokens / float(np.median(values)) for name, values in rounds.items()}
         rows.append({"batch": batch, "rounds": len(rounds["ort:base"]), "tokens_per_s": tps, "ratios": results})
         r = results["tokens_per_s_vs_base"]
+        if r["verdict"] != stats.MET:
+            rows[-1]["step_profiles"] = decoder_profiles({"ort:ptv2": folder / "model.onnx", "ort:base": base_path},
+                                                         batch, threads, work)
         print(f"decoder b={batch}: tokens/s ours {tps['ort:ptv2']:.1f}, base {tps['ort:base']:.1f}; ours/base "
               f"{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}] {r['verdict']}", flush=True)
     cfg = base.config
@@ -405,6 +408,24 @@ def decoder_rows(make_base: Callable[[], torch.nn.Module], n: int, threads: int,
                      f"{cfg.num_attention_heads} heads ({getattr(cfg, 'num_key_value_heads', None)} kv), vocab "
                      f"{cfg.vocab_size}, random weights", "prompt": PROMPT, "new_tokens": new_tokens,
             "base_graph_parity_max_abs_diff": parity, "rows": rows}
+
+
+def decoder_step_feed(sess, batch: int, past: int) -> dict[str, np.ndarray]:
+    """One cached decoding step's inputs for a graph in Optimum's decoder layout (zeros for the past)."""
+    feed = {"input_ids": np.full((batch, 1), 5, dtype=np.int64),
+            "attention_mask": np.ones((batch, past + 1), dtype=np.int64),
+            "position_ids": np.full((batch, 1), past, dtype=np.int64)}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feed[i.name] = np.zeros((batch, i.shape[1], past, i.shape[3]), dtype=np.float32)
+    return feed
+
+
+def decoder_profiles(paths: dict[str, Path], batch: int, threads: int, work: Path, past: int = PROMPT + NEW_TOKENS // 2,
+                     runs: int = 30) -> dict[str, dict]:
+    """Node-type profile of one cached decoding step (the loop's unit of work) for each decoder graph."""
+    return {name: node_type_profile(path, decoder_step_feed(session(path, threads), batch, past), threads, runs, work)
+            for name, path in paths.items()}
 
 
 def small_decoder() -> torch.nn.Module:
@@ -528,6 +549,10 @@ def _why_missed(result: dict) -> list[str]:
         if x["verdict"] in (stats.MISSED, stats.INCONCLUSIVE):
             lines.append(f"- decoder b{row['batch']}: tokens/s ours/base {_fmt(x)} vs >= {DECODER_TARGET}: "
                          f"{x['verdict']}.")
+            for name, profile in row.get("step_profiles", {}).items():
+                lines.append(f"  One cached step, `{name}`: {profile['nodes_run']} nodes, kernels "
+                             f"{profile['kernel_ms_per_run']} ms; by node type (ms): "
+                             f"{profile['ms_per_run_by_node_type']}")
     return (["## Missed or unresolved targets", ""] + lines) if lines else []
 
 
