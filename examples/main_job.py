@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--no-export", action="store_true", help="stop after training and saving the adapter")
     serve.add_argument("--provider", default="CPUExecutionProvider", help="ONNX Runtime execution provider")
     serve.add_argument("--latency-samples", type=int, default=200, help="batch-1 requests timed per runtime")
+    serve.add_argument("--no-int8", action="store_true", help="skip the int8 graph (the third row)")
     args = parser.parse_args(argv)
     if bool(args.train_file) != bool(args.validation_file):
         parser.error("--train-file and --validation-file go together.")
@@ -220,8 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_export:
         results.update(serve_with_onnx_runtime(args, export_callback.export_dir, tokenizer, model, val_texts,
                                                val_labels, torch_logits))
+        if not args.no_int8:
+            results.update(serve_int8(args, output_dir / "onnx-int8", tokenizer, model, val_texts, val_labels,
+                                      torch_logits))
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print_summary(results)
+    print_runtime_rows(results)
     return results
 
 
@@ -230,13 +235,7 @@ def serve_with_onnx_runtime(args, export_dir: Path, tokenizer, model, texts, lab
     from exporters.onnx import ORTModelForSequenceClassification
 
     ort_model = ORTModelForSequenceClassification.from_pretrained(export_dir, provider=args.provider)
-    ort_logits = []
-    batch = max(64, args.batch_size)
-    for start in tqdm(range(0, len(texts), batch), desc="ONNX Runtime on validation", unit="batch"):
-        inputs = tokenizer(texts[start : start + batch], truncation=True, max_length=args.max_length,
-                           padding=True, return_tensors="pt")
-        ort_logits.append(torch.as_tensor(ort_model(**inputs).logits).float().cpu())
-    ort_logits = torch.cat(ort_logits)
+    ort_logits = _ort_logits(ort_model, tokenizer, texts, args, "ONNX Runtime on validation")
     gold = torch.tensor(labels)
     ort_pred, torch_pred = ort_logits.argmax(-1), torch_logits.argmax(-1)
 
@@ -254,6 +253,56 @@ def serve_with_onnx_runtime(args, export_dir: Path, tokenizer, model, texts, lab
         "latency_ms_batch1_pytorch": latency_torch,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def serve_int8(args, folder: Path, tokenizer, model, texts, labels, torch_logits) -> dict:
+    """The third row: the same adapter exported once more as a dynamically quantized int8 graph (validated by
+    prediction agreement), over the same validation set and latency requests."""
+    from exporters.onnx import ExportValidationError, ORTModelForSequenceClassification, export
+
+    try:
+        folder = export(model, folder, quantize="int8", force=True, tokenizer=tokenizer)
+    except ExportValidationError as error:  # reported as the row's result: the float32 graph above still serves
+        return {"int8_refused": str(error)}
+    ort_model = ORTModelForSequenceClassification.from_pretrained(folder, provider=args.provider)
+    logits = _ort_logits(ort_model, tokenizer, texts, args, "ONNX Runtime int8 on validation")
+    samples = texts[: args.latency_samples]
+    return {
+        "int8_onnx_dir": str(folder),
+        "int8_accuracy": float((logits.argmax(-1) == torch.tensor(labels)).double().mean()),
+        "int8_pytorch_agreement": float((logits.argmax(-1) == torch_logits.argmax(-1)).double().mean()),
+        "int8_pytorch_max_abs_logit_diff": float((logits - torch_logits.float()).abs().max()),
+        "int8_export_check": json.loads((folder / "ptv2_export.json").read_text())["parity"],
+        "latency_ms_batch1_int8": _latency(lambda x: ort_model(**x), tokenizer, samples, args.max_length,
+                                           "ONNX Runtime int8"),
+    }
+
+
+def _ort_logits(ort_model, tokenizer, texts: list[str], args, desc: str) -> torch.Tensor:
+    batch, logits = max(64, args.batch_size), []
+    for start in tqdm(range(0, len(texts), batch), desc=desc, unit="batch"):
+        inputs = tokenizer(texts[start : start + batch], truncation=True, max_length=args.max_length,
+                           padding=True, return_tensors="pt")
+        logits.append(torch.as_tensor(ort_model(**inputs).logits).float().cpu())
+    return torch.cat(logits)
+
+
+def print_runtime_rows(results: dict) -> None:
+    """PyTorch, ONNX Runtime float32 and int8 side by side: validation accuracy, agreement with PyTorch, latency."""
+    if "onnx_accuracy" not in results:
+        return
+    rows = [("PyTorch", results["pytorch_accuracy"], None, results["latency_ms_batch1_pytorch"]),
+            ("ONNX Runtime float32", results["onnx_accuracy"], results["onnx_pytorch_agreement"],
+             results["latency_ms_batch1_onnx"])]
+    if "int8_accuracy" in results:
+        rows.append(("ONNX Runtime int8", results["int8_accuracy"], results["int8_pytorch_agreement"],
+                     results["latency_ms_batch1_int8"]))
+    print(f"\n{'runtime':<22}{'accuracy':>10}{'agreement':>11}{'latency b1 median / p90 (ms)':>31}")
+    for name, correct, agreement, latency in rows:
+        agree = "-" if agreement is None else f"{agreement:.2%}"
+        print(f"{name:<22}{correct:>10.4f}{agree:>11}{latency['median']:>22.2f} / {latency['p90']:.2f}")
+    if "int8_refused" in results:
+        print(f"ONNX Runtime int8: not served: {results['int8_refused']}")
 
 
 def _latency(run, tokenizer, texts: list[str], max_length: int, name: str) -> dict[str, float]:

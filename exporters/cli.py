@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "com.microsoft.MultiHeadAttention (faster; needs onnxruntime). Default: wherever it applies "
                         "(float32 encoders on transformers >= 5); --fused-attention fails if it cannot apply, "
                         "--no-fused-attention writes standard ONNX ops only.")
+    parser.add_argument("--quantize", default=None, choices=["int8"],
+                        help="int8: dynamically quantize the graph (ONNX Runtime's quantizer: int8 weight MatMuls, "
+                        "prefix float32) for faster CPU serving; validation then compares predictions (argmax "
+                        "agreement, max logit error) instead of --atol/--rtol. float32 exports only.")
+    parser.add_argument("--min-agreement", type=float, default=None,
+                        help="With --quantize: the least argmax agreement with PyTorch that validation accepts "
+                        "(default 0.95).")
     parser.add_argument("--force", action="store_true",
                         help="Replace the output folder if it holds an earlier export: a ptv2_export.json and only the "
                         "files that export wrote. Any other non-empty folder is refused and left untouched. The new "
@@ -87,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with_past=args.with_past, device=args.device, validate=args.validate, atol=args.atol, rtol=args.rtol,
                 force=args.force, fused_attention=args.fused_attention, prefix_as=args.prefix_as,
                 prefix_capacity=args.prefix_capacity, progress=progress, exporter=args.exporter,
+                quantize=args.quantize, min_agreement=args.min_agreement,
             )
         if args.adapter_file is not None:
             written = export_prefix_adapter(args.adapter, args.adapter_file, base_model=args.model, task=args.task,
@@ -109,7 +117,13 @@ def _print_report(output: Path) -> None:
     parity = metadata.get("parity")
     print(f"Exported {metadata['model_type']} / {metadata['task']} (adapters {', '.join(metadata['adapters'])}, "
           f"{metadata['num_virtual_tokens']} virtual tokens, {metadata['dtype']}) to {output}")
-    if parity:
+    if parity and parity.get("kind") == "agreement":
+        quality = (f"argmax agreement {parity['agreement']:.2%} over {parity['rows']} rows, max |logit diff| "
+                   f"{parity['max_abs_logit_diff']:.3g}" if parity["rows"] else
+                   f"min hidden-state cosine {parity['min_cosine']:.4f}")
+        verdict = "OK" if parity["ok"] else "FAILED"
+        print(f"Agreement report (int8 graph): {quality} on {parity['provider']} -> {verdict}")
+    elif parity:
         verdict = "OK" if parity["ok"] else "FAILED"
         print(f"Parity report: max abs diff {parity['max_abs_diff']:.3g} over {parity['cases']} comparisons "
               f"on {parity['provider']} (atol {parity['atol']:g}, rtol {parity['rtol']:g}) -> {verdict}")

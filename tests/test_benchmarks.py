@@ -295,18 +295,45 @@ def test_interleaved_times_and_batches():
 
 def test_onnx_inference_smoke(tmp_path):
     pytest.importorskip("onnxruntime")
-    from benchmarks import onnx_inference
+    from benchmarks import onnx_inference, stats
 
     onnx_inference.main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--work-dir", str(tmp_path / "graphs")])
     result = _read(tmp_path, "onnxruntime")
-    assert max(result["parity_max_abs_diff"].values()) < 1e-4  # every graph computes its PyTorch model's logits
-    assert {"base/sdpa", "ptv2/sdpa", "base/eager", "ptv2/eager", "ptv2-mha"} <= set(result["fusions"])
-    assert result["fusions"]["ptv2-mha"]["MultiHeadAttention"] == 2  # our fused graph: one node per tiny layer
-    assert "MultiHeadAttention" not in result["fusions"]["ptv2/sdpa"]  # the plain graph compared alongside
-    row = result["shapes"][0]
-    assert row["best_base_graph"].startswith("ort:base/") and row["best_ptv2_graph"].startswith("ort:ptv2")
-    assert {"plain_vs_best_base", "mha_vs_best_base", "mha_optimized_vs_best_base"} <= set(row)
+    encoder = result["encoder"]
+    parity = encoder["parity_max_abs_diff"]
+    assert max(v for k, v in parity.items() if k != "ptv2-int8") < 1e-4  # every float graph computes its model
+    assert 0 < parity["ptv2-int8"] < 0.5  # int8: close, not equal
+    ops = encoder["op_counts"]
+    assert ops["ptv2"]["MultiHeadAttention"] == 2  # the default export: one fused node per tiny layer
+    assert "MultiHeadAttention" not in ops["ptv2-plain"] and ops["ptv2-int8"]["MatMulInteger"] > 0
+    row = encoder["shapes"][0]
+    ratios = row["ratios"]
+    assert ratios["default_vs_best_base"]["numerator"] == "ort:ptv2"  # the default export, not the best of ours
+    assert ratios["default_vs_best_base"]["denominator"] in {f"ort:{g}" for g in onnx_inference.BASE_GRAPHS}
+    assert ratios["fused_vs_plain"]["denominator"] == "ort:ptv2-plain"
+    for value in ratios.values():
+        assert value["low"] <= value["ratio"] <= value["high"] and value["rounds"] >= 2
+    assert ratios["default_vs_best_base"]["verdict"] in (stats.MET, stats.MISSED, stats.INCONCLUSIVE)
+    accuracy = encoder["sst2_dev"]
+    assert set(accuracy["accuracy"]) == {"ptv2", "ptv2-int8", "torch"} and accuracy["verdict"]
+    decoder = result["decoder"]["rows"]
+    assert [r["batch"] for r in decoder] == [1, 8] and all(r["tokens_per_s"]["ort:ptv2"] > 0 for r in decoder)
     assert not list(tmp_path.glob("*.onnx"))  # graphs never land in the results folder
+
+
+def test_onnx_inference_measures_several_ratios_until_resolved():
+    """``measure`` keeps adding rounds while a targeted ratio is unresolved, and picks the fastest denominator."""
+    from benchmarks import onnx_inference
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    ratios = {"a_vs_best": onnx_inference.Ratio("a", ("b", "c")), "a_vs_b": onnx_inference.Ratio("a", "b", 1.0)}
+    results, rounds = onnx_inference.measure(fns, ratios, min_rounds=3, batch_rounds=2, max_rounds=7)
+    assert len(rounds["a"]) in (3, 5, 7) and results["a_vs_best"]["denominator"] in ("b", "c")
+    assert results["a_vs_b"]["target"] == 1.0 and results["a_vs_best"]["verdict"] is None
+    rounds = {"x": [2.0, 2.0, 2.0], "fast": [1.0, 1.0, 1.0], "slow": [4.0, 4.0, 4.0]}
+    value = onnx_inference.estimate(rounds, onnx_inference.Ratio("x", ("slow", "fast"), 1.05))
+    assert value["denominator"] == "fast" and value["ratio"] == pytest.approx(2.0) and value["verdict"] == "MISSED"
 
 
 def test_missed_targets_come_with_their_reasons():
@@ -337,9 +364,15 @@ def test_missed_targets_come_with_their_reasons():
     meta = {"command": "x", "backbone": "tiny", "n": 4, "rounds": 1, "machine": common.machine()}
     assert "+1.0 MiB saved activations" in training_cost.report(result, meta)
 
-    shapes = [{"batch": 1, "seq": 8, "met_vs_eager": False, "eager_vs_ptv2_ort": 1.2,
-               "median_seconds": {"ort:base/sdpa": 1.0, "ort:base/eager": 0.8, "torch:base": 1.2}}]
-    assert "only 1.50x faster" in "\n".join(onnx_inference._why_missed({"shapes": shapes}))
+    missed = {"ratio": 1.2, "low": 1.1, "high": 1.3, "rounds": 10, "target": 2.0, "verdict": "MISSED",
+              "numerator": "torch:ptv2", "denominator": "ort:ptv2-int8", "lower_is_better": False}
+    medians = {"ort:base/sdpa": 1.0, "ort:base/sdpa+opt": 1.0, "ort:base/eager": 0.8, "ort:base/eager+opt": 0.9,
+               "torch:ptv2": 1.2}
+    profile = {"nodes_run": 9, "kernel_ms_per_run": 1.5, "ms_per_run_by_node_type": {"MatMulInteger": 1.0}}
+    shapes = [{"batch": 1, "seq": 8, "median_seconds": medians, "ratios": {"eager_vs_int8": missed},
+               "profiles": {"ptv2-int8": profile}}]
+    why = "\n".join(onnx_inference._why_missed({"encoder": {"shapes": shapes}, "decoder": {"rows": []}}))
+    assert "1.50x PyTorch eager" in why and "MatMulInteger" in why and "MISSED" in why
 
 
 def test_serving_smoke(tmp_path):

@@ -29,6 +29,14 @@ def test_offline_default_trains_exports_and_serves(tmp_path, capsys):
     assert results["onnx_accuracy"] == pytest.approx(results["pytorch_accuracy"])
     assert json.loads((tmp_path / "results.json").read_text())["onnx_accuracy"] == results["onnx_accuracy"]
     assert (tmp_path / "onnx" / "model.onnx").is_file()
+    # third row: the int8 graph, served over the same validation set (or refused by its agreement check, said so)
+    assert "ONNX Runtime int8" in out and "ONNX Runtime float32" in out
+    if "int8_refused" not in results:
+        assert results["int8_export_check"]["kind"] == "agreement" and results["int8_export_check"]["ok"]
+        assert 0 < results["int8_pytorch_max_abs_logit_diff"] < 0.5 and results["latency_ms_batch1_int8"]["median"] > 0
+        assert results["int8_pytorch_agreement"] >= 0.9
+    else:
+        assert "argmax agreement" in results["int8_refused"]
     base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     PeftModel.from_pretrained(base, tmp_path / "adapter")  # the saved adapter loads
 

@@ -31,6 +31,7 @@ from .model_patcher import eval_mode
 from .plan import ExportPlan, GraphPlan, plan_export
 from .postprocess import finalize_graph
 from .providers import CPU, CUDA
+from .quantize import check_agreement, quantize_graph
 from .tolerances import resolve_tolerance
 from .trace import trace_graph
 from .validate import check_parity
@@ -65,6 +66,8 @@ def export(
     tokenizer: Any = None,
     progress: Callable[[str], None] | None = None,
     exporter: str | None = None,
+    quantize: str | None = None,
+    min_agreement: float | None = None,
 ) -> Path:
     """Write ``model.onnx`` (prefix frozen in), ``config.json``, tokenizer files and ``ptv2_export.json``.
 
@@ -101,6 +104,11 @@ def export(
     ``exporter``: ``"dynamo"`` (default, ``torch.export``-based) or ``"torchscript"`` (torch's deprecated legacy
     tracer, kept as a fallback); both write the same graph names, initializers and metadata (``graph_export.py``).
     ``None`` picks dynamo unless the case needs the fallback (an opset below 18), and says why.
+
+    ``quantize="int8"``: every graph is dynamically quantized after export (``quantize.py``: int8 weight MatMuls,
+    prefix and heads float32). Validation then compares predictions instead of a float tolerance: it fails when the
+    argmax agreement with PyTorch is below ``min_agreement`` (default 0.95); agreement and max logit error are
+    recorded in ``ptv2_export.json`` under ``parity``, the quantization under ``quantization``.
     """
     say = progress or logger.info
     output_dir = Path(output_dir)
@@ -108,7 +116,7 @@ def export(
     plan = plan_export(model, base_model=base_model, task=task, opset=opset, dtype=dtype, with_past=with_past,
                        device=device, adapter_name=adapter_name, adapters=adapters, fused_attention=fused_attention,
                        prefix_as=prefix_as, prefix_capacity=prefix_capacity, say=say,
-                       exporter=exporter)
+                       exporter=exporter, quantize=quantize, min_agreement=min_agreement)
     with replace_folder(output_dir, before_swap=lambda: check_output_dir(output_dir, force)) as staging:
         say(f"Preparing {type(plan.inner).__name__} ({plan.task}, adapters {plan.adapters}, {dtype}, {device})")
         work = _working_copy(plan.peft_model, plan.device)
@@ -116,10 +124,12 @@ def export(
             say(f"Prefix lengths differ ({plan.visible.sum(-1).tolist()}): padded to {plan.visible.shape[1]}, "
                 "masked per row")
         fused_layers = _trace_graphs(plan, work.base_model.model, staging, say)
+        quantized = _quantize_graphs(plan, staging, say) if plan.quantize else None
         copied = write_model_files(plan, staging, tokenizer)
         if copied:
             say(f"Copied tokenizer files: {', '.join(copied)}")
-        metadata = build_metadata(plan, fused_layers, base_fingerprint(plan.peft_model) if plan.swappable else None)
+        metadata = build_metadata(plan, fused_layers, base_fingerprint(plan.peft_model) if plan.swappable else None,
+                                  quantized)
         if validate:
             metadata["parity"] = _validate(plan, work, staging, metadata, atol, rtol, tf32, say)
         write_metadata(staging, metadata)
@@ -161,9 +171,28 @@ def _check_fused(graph: GraphPlan, fused_layers: int, skipped: list[str], say) -
     say(f"Fused attention: {fused_layers} of {prefixed_layers} prefixed layers fused; the rest use plain ops ({why})")
 
 
+def _quantize_graphs(plan: ExportPlan, staging: Path, say) -> dict[str, Any]:
+    """int8: each written graph replaced by its dynamically quantized form; returns what the metadata records."""
+    quantized = {graph.file_name: quantize_graph(staging / graph.file_name) for graph in plan.graphs}
+    say(f"Quantized to int8 (dynamic): {', '.join(f'{k} {v}' for k, v in quantized.items())}")
+    return quantized
+
+
 def _validate(plan: ExportPlan, work, staging: Path, metadata: dict, atol, rtol, tf32: bool, say) -> dict:
-    """Parity of the staged folder against PyTorch; raises ``ExportValidationError`` (the staging is discarded)."""
+    """Parity of the staged folder against PyTorch; raises ``ExportValidationError`` (the staging is discarded).
+    An int8 graph is judged by prediction agreement instead (``quantize.check_agreement``)."""
     provider = CUDA if plan.device.type == "cuda" else CPU
+    if plan.quantize:
+        say(f"Validating against PyTorch on {provider} (argmax agreement >= {plan.min_agreement:.2%})")
+        with eval_mode(work):
+            agreement = check_agreement(work, staging, plan.adapters if plan.multi else None, provider=provider,
+                                        min_agreement=plan.min_agreement, metadata=metadata)
+        for line in agreement.lines():
+            say(line)
+        if not agreement.ok:
+            raise ExportValidationError(f"The int8 graph's predictions differ from PyTorch's: "
+                                        f"{agreement.worst_detail()}. The export was discarded.")
+        return agreement.as_dict()
     tolerance = resolve_tolerance(plan.torch_dtype, provider, atol=atol, rtol=rtol, tf32=tf32)
     say(f"Validating against PyTorch on {provider} ({tolerance.describe()}{', TF32 on' if tf32 else ''})")
     with eval_mode(work):

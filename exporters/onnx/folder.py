@@ -94,7 +94,8 @@ def _copy_tokenizer(source_dirs: list[Path], target: Path) -> list[str]:
     return []
 
 
-def build_metadata(plan: ExportPlan, fused_layers: int, base_fingerprint: str | None) -> dict[str, Any]:
+def build_metadata(plan: ExportPlan, fused_layers: int, base_fingerprint: str | None,
+                   quantized: dict[str, Any] | None = None) -> dict[str, Any]:
     """``ptv2_export.json`` of an export (``parity`` and ``written_files`` are filled in by the pipeline)."""
     peft_model, names, multi = plan.peft_model, plan.adapters, plan.multi
     first = peft_model.peft_config[names[0]]
@@ -137,6 +138,7 @@ def build_metadata(plan: ExportPlan, fused_layers: int, base_fingerprint: str | 
         "prefix_capacity": plan.prefix_capacity,
         "base_fingerprint": base_fingerprint,
         "fused_attention": {"op": f"com.microsoft.{FUSED_OP}", "layers": fused_layers} if fused_layers else None,
+        "quantization": {"scheme": plan.quantize, "files": quantized} if quantized else None,
     }
 
 

@@ -20,6 +20,7 @@ from .adapter_tensors import frozen_prefix, prefix_visibility, swappable_extras
 from .fused_attention import parse_option, unsupported_reason
 from .graph_export import resolve_exporter
 from .model_source import resolve_adapters, resolve_model, resolve_task
+from .quantize import check_min_agreement, parse_quantize
 from .seq2seq import part_slots
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
@@ -64,6 +65,8 @@ class ExportPlan:
     opset: int
     device: torch.device
     fused: bool | str
+    quantize: str | None  # None (float graph) or "int8" (quantize.py)
+    min_agreement: float  # int8: the least argmax agreement with PyTorch that validation accepts
     visible: torch.Tensor | None  # (adapters, n): real prefix columns when prefix lengths differ
     graphs: list[GraphPlan] = field(default_factory=list)
 
@@ -79,10 +82,13 @@ class ExportPlan:
 def plan_export(model: Any, *, base_model: Any, task: str | None, opset: int | None, dtype: str,
                 with_past: bool | None, device: str, adapter_name: str | None, adapters: Sequence[str] | None,
                 fused_attention: bool | str, prefix_as: str, prefix_capacity: int | None,
-                say: Callable[[str], None], exporter: str | None = None) -> ExportPlan:
+                say: Callable[[str], None], exporter: str | None = None, quantize: str | None = None,
+                min_agreement: float | None = None) -> ExportPlan:
     """Resolve the model and every option of ``export`` (see there); raises on any combination it cannot export."""
     torch_dtype = parse_dtype(dtype)
     exporter, opset = resolve_exporter(exporter, opset, say)
+    quantization = parse_quantize(quantize, torch_dtype, prefix_as)
+    min_agreement = check_min_agreement(min_agreement, quantization)
     peft_model, source_dirs = resolve_model(model, base_model, task, say)
     task = resolve_task(peft_model, task)
     names = resolve_adapters(peft_model, adapter_name, adapters)
@@ -100,7 +106,7 @@ def plan_export(model: Any, *, base_model: Any, task: str | None, opset: int | N
         prefix_capacity=prefix_capacity, with_past=with_past, dtype=dtype, torch_dtype=torch_dtype,
         exporter=exporter, opset=opset, device=torch.device(device),
         fused=_resolve_fused(parse_option(fused_attention), task, peft_model, torch_dtype, say),
-        visible=prefix_visibility(peft_model, names),
+        visible=prefix_visibility(peft_model, names), quantize=quantization, min_agreement=min_agreement,
     )
     plan.graphs = _graph_plans(plan)
     return plan

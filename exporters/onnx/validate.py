@@ -108,20 +108,22 @@ class ParityReport:
 
 def check_parity(model, folder: str | Path, adapters: list[str] | None = None, *,
                  provider: str = CPU, tolerance: Tolerance | None = None,
-                 tf32: bool = False, metadata: dict | None = None) -> ParityReport:
+                 tf32: bool = False, metadata: dict | None = None, report=None) -> ParityReport:
     """Compare ``model`` (PyTorch, float32) with the exported ``folder`` on ONNX Runtime ``provider``.
 
     ``tolerance`` defaults to the one for the folder's dtype and ``provider``. On CUDA, TF32 is off on both sides
     unless ``tf32``: ONNX Runtime's CUDA provider enables it by default, and its rounding alone can exceed a float32
     tolerance, rejecting good exports (or, with a loose tolerance, hiding real differences). ``metadata``: the
     folder's ``ptv2_export.json`` content when the file is not written yet (the exporter validates before).
+    ``report`` collects the comparisons instead of a ``ParityReport`` (an int8 graph's ``quantize.AgreementReport``).
     """
     metadata = read_metadata(folder) if metadata is None else metadata
     if tolerance is None:
         tolerance = default_tolerance(metadata.get("dtype", "float32"), provider, tf32=tf32)
     options = cuda_provider_options(tf32=tf32) if provider == CUDA else None
     ort_model = load(folder, provider, provider_options=options, metadata=metadata)
-    report = ParityReport(tolerance=tolerance, provider=provider, tf32=tf32 and provider == CUDA)
+    if report is None:
+        report = ParityReport(tolerance=tolerance, provider=provider, tf32=tf32 and provider == CUDA)
     names = adapters or [None]
     with torch_tf32(tf32):
         for index, name in enumerate(names):
