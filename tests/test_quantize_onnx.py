@@ -3,6 +3,7 @@ prediction agreement, loading through the runtime classes, and clear errors for 
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -131,7 +132,7 @@ def test_validation_fails_when_predictions_disagree(tmp_path, monkeypatch):
         onnx.save(proto, str(path))
         return info
 
-    monkeypatch.setattr(Q, "quantize_graph", broken)
+    monkeypatch.setattr(importlib.import_module("exporters.onnx.export"), "quantize_graph", broken)  # the pipeline's
     target = tmp_path / "out"
     with pytest.raises(ExportValidationError, match="argmax agreement"):
         export(peft_model("bert", "SEQ_CLS"), target, quantize="int8")
