@@ -61,6 +61,11 @@ def check_number(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
+
+
 def check_optional_str(name: str, value: Any) -> None:
     if value is not None and not isinstance(value, str):
         raise TypeError(f"{name} must be a string or None, got {type(value).__name__} ({value!r}).")
