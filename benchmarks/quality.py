@@ -460,6 +460,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-size", type=int, default=common.TRAIN_SIZE)
     parser.add_argument("--epochs", type=float, default=common.EPOCHS)
+    parser.add_argument("--final-train-size", type=int, default=None,
+                        help="Train the final runs on the first N examples of the training subset (default: all).")
     parser.add_argument("--tune-size", type=int, default=872, help="Tuning split (default: as large as dev).")
     parser.add_argument("--search-train-size", type=int, default=2000)
     parser.add_argument("--search-epochs", type=float, default=2.0)
@@ -482,7 +484,8 @@ def main(argv=None) -> dict:
     log_path = out / "runs.jsonl"
     batch = 16 if args.smoke else common.BATCH_SIZE
     budgets = {"search": {"train_size": args.search_train_size, "epochs": args.search_epochs, "batch_size": batch},
-               "final": {"train_size": args.train_size, "epochs": args.epochs, "batch_size": batch}}
+               "final": {"train_size": min(args.final_train_size or args.train_size, args.train_size),
+                         "epochs": args.epochs, "batch_size": batch}}
     load = (args.smoke, args.data, args.train_size, args.tune_size)
     data, backbone = _load(*load)
     command = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)

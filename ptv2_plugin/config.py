@@ -125,9 +125,10 @@ class PTuningV2Config(PeftConfig):
             raise ValueError(f"prefix_dropout must be in [0, 1), got {self.prefix_dropout!r}.")
         checks.check_choice("prefix_init", self.prefix_init, PREFIX_INITS)
         checks.check_optional_str("prefix_init_text", self.prefix_init_text)
-        if self.prefix_init_text is not None and (not self.prefix_init_text.strip() or self.prefix_init != "real_tokens"):
-            raise ValueError("prefix_init_text must be a non-empty text and is only used with prefix_init='real_tokens' "
-                             f"(prefix_init={self.prefix_init!r}, prefix_init_text={self.prefix_init_text!r}).")
+        text = self.prefix_init_text
+        if text is not None and (not text.strip() or self.prefix_init != "real_tokens"):
+            raise ValueError("prefix_init_text must be a non-empty text and is only used with "
+                             f"prefix_init='real_tokens' (prefix_init={self.prefix_init!r}, text={text!r}).")
         checks.check_int("prefix_init_seed", self.prefix_init_seed, 0, 2**63 - 1)
         checks.check_optional_str("tokenizer_name_or_path", self.tokenizer_name_or_path)
         if not checks.check_number("prefix_init_std", self.prefix_init_std) > 0:
