@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch_logits = torch.as_tensor(prediction.predictions)
     results = {
         "data": source,
+        "labels": [str(c) for c in classes],
         "train_examples": len(train_texts),
         "validation_examples": len(val_texts),
         "epochs": args.epochs,
