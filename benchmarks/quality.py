@@ -108,6 +108,7 @@ class Plan:
     lr_points: int
     seeds: list[int]
     done: dict[str, dict]  # job key -> record
+    default_init: str = field(default_factory=lambda: common.ptv2_plugin.PTuningV2Config().prefix_init)
 
     def fam(self, name: str) -> Family:
         return next(f for f in self.fams if f.name == name)
@@ -148,20 +149,22 @@ class Plan:
         return self.done.get(twin)
 
     def rows(self) -> list[dict]:
-        """The report's rows, each with its final jobs (empty while its search is unfinished)."""
+        """The report's rows, each with its final jobs (empty while its search is unfinished). The defaults row is
+        what a user gets: ``PTuningV2Config()``'s own ``prefix_init`` and the recommended rates, whatever the search
+        found (the search's pick is the tuned row, and the evidence for changing the library's default)."""
         rows = []
         ours = self.fam("ptv2")
-        init = self.chosen_init()
-        default_jobs = [] if init is None else [
-            make_job(ours, "final", ours.centre_lr, HEAD_LR, {"prefix_init": init}, "final", s, "ptv2_defaults")
-            for s in self.seeds]
+        default_init = {"prefix_init": self.default_init}
+        default_jobs = [make_job(ours, "final", ours.centre_lr, HEAD_LR, default_init, "final", s, "ptv2_defaults")
+                        for s in self.seeds]
         rows.append({"method": "ptv2_defaults", "family": "ptv2", "default": True, "jobs": default_jobs})
         for fam in self.fams:
             records = self.search_records(fam)
             jobs = []
             if records is not None:
                 best = _best(records)
-                if fam.name == "ptv2" and best["lr"] == ours.centre_lr and best["head_lr"] == HEAD_LR:
+                if fam.name == "ptv2" and best["lr"] == ours.centre_lr and best["head_lr"] == HEAD_LR \
+                        and best["options"]["prefix_init"] == self.default_init:
                     rows.append({"method": "ptv2_tuned", "family": "ptv2", "default": False, "jobs": [],
                                  "same_as": "ptv2_defaults"})
                     continue
@@ -178,8 +181,8 @@ class Plan:
             for job in self.search_jobs(fam) or []:
                 if self._done_as_search(job) is None:
                     jobs.append(job)
-        for row in self.rows():
-            jobs += row["jobs"]
+        finals = [job for row in self.rows() for job in row["jobs"]]
+        jobs += sorted(finals, key=lambda job: job.seed)  # seed by seed: a stopped run leaves comparable rows
         seen, out = set(), []
         for job in jobs:
             if job.key not in self.done and job.key not in seen:
@@ -349,7 +352,7 @@ def summarize(plan: Plan) -> tuple[list[dict], list[dict]]:
         runs = [plan.done[j.key] for j in row["jobs"] if j.key in plan.done]
         out = {"method": row["method"], "family": row["family"], "default": row["default"]}
         if row.get("same_as"):
-            rows.append({**out, "status": f"same rates as {row['same_as']} (tuning split picked the defaults)",
+            rows.append({**out, "status": f"same as {row['same_as']} (the tuning split picked the defaults)",
                          "runs": []})
             continue
         if not row["jobs"]:
@@ -462,10 +465,9 @@ def report(search: list[dict], rows: list[dict], meta: dict) -> str:
                        acc, f"{r.get('train_seconds', 0):.0f}"])
     lines += [common.markdown_table(s_headers, s_rows), ""]
     if meta.get("chosen_init"):
-        lines.append(f"- Initialisation picked on the tuning split: `{meta['chosen_init']}`; ptv2_plugin's default "
-                     f"`PTuningV2Config().prefix_init` is `{meta['library_default_init']}`"
-                     + ("." if meta["chosen_init"] == meta["library_default_init"] else
-                        " (differs: the defaults row uses the tuning split's pick)."))
+        lines.append(f"- Initialisation picked on the tuning split (used by ptv2's grid and its tuned row): "
+                     f"`{meta['chosen_init']}`; the defaults row uses the library's default "
+                     f"`PTuningV2Config().prefix_init` = `{meta['library_default_init']}`.")
     return "\n".join(lines) + "\n"
 
 

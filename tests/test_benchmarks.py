@@ -65,7 +65,7 @@ def test_quality_protocol_smoke(tmp_path):
     rows = {r["method"]: r for r in result["results"]}
     assert list(rows) == QUALITY_ROWS and result["meta"]["complete"] is True
     assert [name for name, r in rows.items() if r["default"]] == ["ptv2_defaults"]
-    assert rows["ptv2_defaults"]["options"]["prefix_init"] == result["meta"]["chosen_init"]
+    assert rows["ptv2_defaults"]["options"]["prefix_init"] == result["meta"]["library_default_init"] == "random"
     assert all(r["scored_on"] == "tune" for r in result["search"]) and result["search"]
     families = {r["family"] for r in result["search"]}
     assert families == {"ptv2", "lora_r8", "peft_prefix", "full_finetune"}
@@ -83,7 +83,7 @@ def test_quality_protocol_smoke(tmp_path):
             assert all(r["scored_on"] == "dev" and r["steps"] == 4 for r in row["runs"])  # 64 examples, batch 16
             assert 0.0 <= row["accuracy_mean"] <= 1.0
         else:
-            assert name == "ptv2_tuned" and row["status"].startswith("same rates as ptv2_defaults")
+            assert name == "ptv2_tuned" and row["status"].startswith("same as ptv2_defaults")
     ours, full = rows["ptv2_defaults"], rows["full_finetune_tuned"]
     assert ours["trainable_params_shipped"] < ours["trainable_params_training"]  # the MLP is not shipped
     assert full["trainable_params_shipped"] == full["trainable_params_training"]
