@@ -164,24 +164,6 @@ class Method:
     head_lr: float | None = None  # None: the head trains with lr
 
 
-def standard_methods(n: int = 16) -> list[Method]:
-    """The methods of the quality benchmark with the learning rates each trains well with (see defaults_study)."""
-    lr = ptv2_plugin.RECOMMENDED_LEARNING_RATE
-    mlp = {"num_virtual_tokens": n, "prefix_projection": True}
-    return [
-        Method("ptv2_mlp", "ptv2", lr, mlp),
-        Method("ptv2_mlp_head_lr1e-2", "ptv2", lr, mlp, head_lr=ptv2_plugin.RECOMMENDED_HEAD_LEARNING_RATE),
-        Method("ptv2_no_mlp", "ptv2", ptv2_plugin.RECOMMENDED_LEARNING_RATE_NO_PROJECTION,
-               {"num_virtual_tokens": n, "prefix_projection": False}),
-        Method("peft_prefix_mlp", "peft_prefix", 1e-2, {"num_virtual_tokens": n, "prefix_projection": True}),
-        Method("peft_prefix_mlp_lr1e-3", "peft_prefix", 1e-3, {"num_virtual_tokens": n, "prefix_projection": True}),
-        Method("peft_prefix_no_mlp", "peft_prefix", 1e-2, {"num_virtual_tokens": n, "prefix_projection": False}),
-        Method("lora_r8", "lora", 1e-3, {"r": 8}),
-        Method("full_finetune", "full", 5e-5),
-        Method("linear_probe", "linear_probe", 1e-2),
-    ]
-
-
 @dataclass
 class Backbone:
     """A frozen base model factory (a fresh copy per method) and its tokenizer."""
