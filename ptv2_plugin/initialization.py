@@ -160,13 +160,14 @@ def real_token_key_values(
         kwargs["use_cache"] = True
     if encoder_decoder and "decoder_input_ids" in parameters:
         kwargs["decoder_input_ids"] = ids
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}  # restored one by one, as they were
     model.eval()
     try:
         with _adapters_disabled(model):
             outputs = backbone(**kwargs)
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
         for handle in handles:
             handle.remove()
     cache = getattr(outputs, "past_key_values", None)

@@ -221,3 +221,12 @@ def test_bad_init_in_a_saved_config_is_refused(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "prefix_init": "bogus"}))
     with pytest.raises(ValueError, match="prefix_init must be one of"):
         PeftConfig.from_pretrained(tmp_path)
+
+
+def test_the_init_forward_leaves_every_module_mode_as_it_was():
+    base = tiny_model("bert", "SEQ_CLS").train()
+    base.bert.embeddings.eval()  # a mode the user chose for one part
+    config = PTuningV2Config(task_type="SEQ_CLS", prefix_init="real_tokens", prefix_projection=False)
+    model = get_peft_model(base, config).base_model.model
+    assert model.bert.encoder.training and model.classifier.training and not model.bert.embeddings.training
+    assert not model.bert.embeddings.dropout.training
