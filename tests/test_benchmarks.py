@@ -87,6 +87,8 @@ def test_quality_protocol_smoke(tmp_path):
     ours, full = rows["ptv2_defaults"], rows["full_finetune_tuned"]
     assert ours["trainable_params_shipped"] < ours["trainable_params_training"]  # the MLP is not shipped
     assert full["trainable_params_shipped"] == full["trainable_params_training"]
+    if PEFT_PREFIX_RUNS_ON_BERT:  # both ship n x layers x 2 x hidden prefix numbers (+ the head)
+        assert rows["peft_prefix_tuned"]["trainable_params_shipped"] == ours["trainable_params_shipped"]
     report = (tmp_path / "report.md").read_text()
     assert "**Complete.**" in report and "ours-defaults >= best-tuned LoRA r=8" in report
     assert "Search budget" in report and "Final budget" in report and "wall time" in report
