@@ -108,6 +108,7 @@ class Plan:
     lr_points: int
     seeds: list[int]
     done: dict[str, dict]  # job key -> record
+    init_study_seeds: list[int] = field(default_factory=list)
     default_init: str = field(default_factory=lambda: common.ptv2_plugin.PTuningV2Config().prefix_init)
 
     def fam(self, name: str) -> Family:
@@ -116,6 +117,14 @@ class Plan:
     def init_jobs(self) -> list[Job]:
         ours = self.fam("ptv2")
         return [make_job(ours, "init", ours.centre_lr, HEAD_LR, {"prefix_init": init}, "search", 0) for init in INITS]
+
+    def init_study_jobs(self) -> list[Job]:
+        """Each initialisation at the final budget and the recommended rates, scored on the tuning split over
+        several seeds: the evidence for the library's default ``prefix_init`` (the search's one short run per init
+        is too noisy to change a default on)."""
+        ours = self.fam("ptv2")
+        return [make_job(ours, "init_study", ours.centre_lr, HEAD_LR, {"prefix_init": init}, "final", seed)
+                for init in INITS for seed in self.init_study_seeds]
 
     def chosen_init(self) -> str | None:
         jobs = self.init_jobs()
@@ -183,6 +192,7 @@ class Plan:
                     jobs.append(job)
         finals = [job for row in self.rows() for job in row["jobs"]]
         jobs += sorted(finals, key=lambda job: job.seed)  # seed by seed: a stopped run leaves comparable rows
+        jobs += sorted(self.init_study_jobs(), key=lambda job: job.seed)
         seen, out = set(), []
         for job in jobs:
             if job.key not in self.done and job.key not in seen:
@@ -193,7 +203,8 @@ class Plan:
     def complete(self) -> bool:
         rows = self.rows()
         return (all(row["jobs"] or row.get("same_as") for row in rows)
-                and all(j.key in self.done for row in rows for j in row["jobs"]))
+                and all(j.key in self.done for row in rows for j in row["jobs"])
+                and all(j.key in self.done for j in self.init_study_jobs()))
 
 
 def _best(records: list[dict]) -> dict:
@@ -257,9 +268,10 @@ def run_job(job: Job, budgets: dict) -> dict:
     """Train one job in this worker and score it: search jobs on the tuning split, final jobs on dev."""
     budget = budgets[job.budget]
     train = _encoded("train", budget["train_size"])
-    scored = _encoded("tune") if job.budget == "search" else _encoded("dev")
+    split = "dev" if job.stage == "final" else "tune"  # dev only for the report's rows
+    scored = _encoded(split)
     method = job.method()
-    record = {**asdict(job), "scored_on": "tune" if job.budget == "search" else "dev", **{
+    record = {**asdict(job), "scored_on": split, **{
         f"budget_{k}": v for k, v in budget.items()}}
     common.torch.manual_seed(job.seed)
     start = time.perf_counter()
@@ -376,6 +388,18 @@ def summarize(plan: Plan) -> tuple[list[dict], list[dict]]:
     return search, rows
 
 
+def init_study(plan: Plan) -> list[dict]:
+    out = []
+    for init in INITS:
+        runs = [plan.done[j.key] for j in plan.init_study_jobs()
+                if j.options["prefix_init"] == init and j.key in plan.done]
+        accs = [r["accuracy"] for r in runs if "accuracy" in r]
+        if accs:
+            out.append({"prefix_init": init, "mean": statistics.fmean(accs), "seeds": len(accs), "per_seed": accs,
+                        "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
+    return out
+
+
 def _has_numbers(row: dict) -> bool:
     return "accuracy_mean" in row
 
@@ -464,6 +488,13 @@ def report(search: list[dict], rows: list[dict], meta: dict) -> str:
         s_rows.append([r["family"], r["stage"], _rates(r["lr"], r["head_lr"]), r["options"].get("prefix_init", "-"),
                        acc, f"{r.get('train_seconds', 0):.0f}"])
     lines += [common.markdown_table(s_headers, s_rows), ""]
+    study = meta.get("init_study", [])
+    if study:
+        lines += [f"## Initialisation study (tuning split, final budget, recommended rates, seeds "
+                  f"{meta['init_study_seeds']})", ""]
+        i_rows = [[r["prefix_init"], f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}", r["seeds"],
+                   ", ".join(f"{100 * a:.2f}" for a in r["per_seed"])] for r in study]
+        lines += [common.markdown_table(["prefix_init", "tuning acc % (mean ± std)", "seeds", "per seed"], i_rows), ""]
     if meta.get("chosen_init"):
         lines.append(f"- Initialisation picked on the tuning split (used by ptv2's grid and its tuned row): "
                      f"`{meta['chosen_init']}`; the defaults row uses the library's default "
@@ -484,6 +515,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--search-epochs", type=float, default=2.0)
     parser.add_argument("--lr-points", type=int, default=3, help="Method rates per family in the search.")
     parser.add_argument("--num-virtual-tokens", type=int, default=16)
+    parser.add_argument("--init-study-seeds", type=int, nargs="*", default=[],
+                        help="Also compare every prefix_init at the final budget on the tuning split, these seeds.")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="Worker processes.")
     parser.add_argument("--stop-after-minutes", type=float, default=None,
                         help="Start no new run after this long (running ones finish); rerun to continue.")
@@ -519,7 +552,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"{out} holds runs of another budget ({previous[-1].get('budgets')}); use another --out.")
     session = {"started_at": time.time(), "budgets": budgets, "wall_seconds": 0.0}
     sessions = [*previous, session]
-    plan = Plan(families(args.num_virtual_tokens), args.lr_points, args.seeds, read_done(log_path))
+    plan = Plan(families(args.num_virtual_tokens), args.lr_points, args.seeds, read_done(log_path),
+                args.init_study_seeds)
     start = time.perf_counter()
 
     def save() -> dict:
@@ -527,7 +561,8 @@ def main(argv=None) -> dict:
         common.write_json(sessions_path, sessions)
         search, rows = summarize(plan)
         meta.update(complete=plan.complete(), chosen_init=plan.chosen_init(), sessions=len(sessions),
-                    wall_seconds=sum(s["wall_seconds"] for s in sessions))
+                    wall_seconds=sum(s["wall_seconds"] for s in sessions), init_study=init_study(plan),
+                    init_study_seeds=args.init_study_seeds)
         payload = {"meta": meta, "search": search, "results": rows}
         common.write_json(out / "results.json", payload)
         common.write_atomic(out / "report.md", report(search, rows, meta))

@@ -60,9 +60,14 @@ def test_quality_protocol_smoke(tmp_path):
     row marked, parameters while training and shipped, targets in the report."""
     from benchmarks import quality
 
-    quality.main(["--smoke", "--jobs", "1", "--out", str(tmp_path)])
+    quality.main(["--smoke", "--jobs", "1", "--out", str(tmp_path), "--init-study-seeds", "0", "1"])
     result = _read(tmp_path)
     rows = {r["method"]: r for r in result["results"]}
+    study = result["meta"]["init_study"]  # every init at the final budget, on the tuning split, both seeds
+    assert [r["prefix_init"] for r in study] == list(quality.INITS) and all(r["seeds"] == 2 for r in study)
+    logged = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert {r["scored_on"] for r in logged if r["stage"] == "init_study"} == {"tune"}
+    assert {r["scored_on"] for r in logged if r["stage"] == "final"} == {"dev"}
     assert list(rows) == QUALITY_ROWS and result["meta"]["complete"] is True
     assert [name for name, r in rows.items() if r["default"]] == ["ptv2_defaults"]
     assert rows["ptv2_defaults"]["options"]["prefix_init"] == result["meta"]["library_default_init"] == "random"
@@ -92,6 +97,7 @@ def test_quality_protocol_smoke(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "**Complete.**" in report and "ours-defaults >= best-tuned LoRA r=8" in report
     assert "Search budget" in report and "Final budget" in report and "wall time" in report
+    assert "## Initialisation study" in report
 
 
 def test_quality_resumes_and_reports_partial_runs(tmp_path, capsys):
