@@ -33,6 +33,7 @@ from torch import nn
 
 from .architectures import CROSS_ATTENTION, DECODER_SELF_ATTENTION, KVGeometry, attention_location
 from .layer import PTuningV2Layer
+from .transformers_compat import cache_from_output
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def real_token_key_values(
             module.training = training
         for handle in handles:
             handle.remove()
-    cache = getattr(outputs, "past_key_values", None)
+    cache = cache_from_output(outputs)
     self_cache = getattr(cache, "self_attention_cache", cache)
     cross_cache = getattr(cache, "cross_attention_cache", None)
     result = []

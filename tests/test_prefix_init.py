@@ -12,6 +12,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from ptv2_plugin import PTuningV2Config, PTuningV2Layer
 from ptv2_plugin import initialization as init_module
 from ptv2_plugin.initialization import init_token_ids
+from ptv2_plugin.transformers_compat import cache_from_output
 from tests.tiny_models import tiny_model
 
 ARCHS = [("bert", "SEQ_CLS"), ("llama", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM")]
@@ -45,7 +46,7 @@ def _reference(model, arch: str, ids: torch.Tensor) -> dict[str, tuple[torch.Ten
     layers = _layers(model)
     if arch == "llama":
         with model.disable_adapter():
-            cache = model(input_ids=ids[None], use_cache=True).past_key_values
+            cache = cache_from_output(model(input_ids=ids[None], use_cache=True))
         return {name: (cache.layers[layer.base_layer.layer_idx].keys[0], cache.layers[layer.base_layer.layer_idx]
                        .values[0]) for name, layer in layers.items()}
     store, handles = {}, []
@@ -139,7 +140,7 @@ def test_real_tokens_on_some_layers_and_on_a_second_adapter():
     model.add_adapter("second", config)
     ids = init_token_ids(config, model.config, 3)
     with torch.no_grad(), model.disable_adapter():
-        cache = model(input_ids=ids[None], use_cache=True).past_key_values
+        cache = cache_from_output(model(input_ids=ids[None], use_cache=True))
     emitted = _emitted(model, "second")
     assert len(emitted) == 1
     key, value = next(iter(emitted.values()))
