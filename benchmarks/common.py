@@ -35,6 +35,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import ptv2_plugin  # noqa: E402,F401  (registers the method with PEFT)
+from examples import common as example_common  # noqa: E402
+from examples.common import (  # noqa: E402
+    find_sst2,
+    label_config,
+    label_ids,
+    label_list,
+    minilm_path,
+    read_text_classification,
+)
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
@@ -76,8 +85,6 @@ def load_sst2(path: str | os.PathLike | None, train_size: int = TRAIN_SIZE, seed
     """SST-2 (or any folder with train.tsv/dev.tsv of any number of classes, string or int labels): a train subset
     (fixed seed, so every method sees the same examples), a tuning split of ``tune_size`` further train examples
     (disjoint from the subset), and the dev set."""
-    from examples.common import find_sst2, label_ids, label_list, read_text_classification
-
     folder = find_sst2(path)
     if folder is None:
         raise FileNotFoundError("SST-2 not found: pass --data DIR (with train.tsv and dev.tsv) or set $PTV2_SST2_DIR.")
@@ -114,17 +121,15 @@ def synthetic_data(train_size: int = 64, dev_size: int = 32, seed: int = 0) -> T
     return TextData(*train, *dev)
 
 
-class Encoded:
-    """Pre-tokenized examples; batches are padded to their own longest row (capped at max_length)."""
+class Encoded(example_common.Encoded):
+    """The examples' tokenized rows (``examples.common.Encoded``, one tokenization for both), batched here without
+    a Trainer: batches are padded to their own longest row (capped at max_length)."""
 
     def __init__(self, tokenizer, texts: Sequence[str], labels: Sequence[int], max_length: int = MAX_LENGTH) -> None:
-        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-        self.ids = [torch.tensor(row) for row in enc["input_ids"]]
-        self.labels = torch.tensor(list(labels))
+        super().__init__(tokenizer, list(texts), list(labels), max_length)
+        self.ids = [torch.tensor(row) for row in self.encodings["input_ids"]]
+        self.label_ids = torch.tensor(list(labels))
         self.pad_id = tokenizer.pad_token_id or 0
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
     def batch(self, index: Sequence[int]) -> dict[str, torch.Tensor]:
         rows = [self.ids[i] for i in index]
@@ -132,7 +137,7 @@ class Encoded:
         mask = torch.zeros_like(ids)
         for r, row in enumerate(rows):
             mask[r, : len(row)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[list(index)]}
+        return {"input_ids": ids, "attention_mask": mask, "labels": self.label_ids[list(index)]}
 
     def batches(self, batch_size: int, shuffle_seed: int | None = None, group_by_length: bool = False):
         """In order, or shuffled; ``group_by_length`` as the HF Trainer's (less padding, same examples per epoch)."""
@@ -177,8 +182,6 @@ def minilm_backbone(path: str | os.PathLike | None = None, label_names: Sequence
     """The real all-MiniLM-L6-v2 with a classification head over ``label_names`` (pooler pretrained, head new)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
-
-    from examples.common import label_config, minilm_path
 
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" notice is expected here
     folder = str(path or minilm_path())

@@ -183,7 +183,7 @@ def timings(target: Target, work: Path, rounds: int) -> dict[str, Any]:
 
     from exporters.onnx import cuda_provider_options, export
     from exporters.onnx.float16 import convert_to_float16
-    from exporters.onnx.runtime import create_session
+    from exporters.onnx.serving import create_session
 
     backbone, source = timing_backbone(target)
     base = backbone().eval()

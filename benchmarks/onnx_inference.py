@@ -35,7 +35,7 @@ TARGET_SHAPES = [(1, 128), (32, 64)]  # issue 6: ours <= 1.05x the best base ORT
 
 def export_base(model: torch.nn.Module, path: Path, opset: int = 17) -> Path:
     """The base classifier as one ONNX graph with dynamic batch and length (TorchScript exporter)."""
-    from exporters.onnx.tracing import traceable_masks
+    from exporters.onnx.model_patcher import traceable_masks
 
     names = ["input_ids", "attention_mask", "token_type_ids"]
     sample = common.random_batch(model.config.vocab_size, 2, 8)

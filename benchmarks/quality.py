@@ -36,10 +36,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks import common
+from ptv2_plugin.config_checks import PREFIX_INITS
 
 HEAD_LR = 1e-2  # the separate head rate every method may choose (ptv2_plugin.RECOMMENDED_HEAD_LEARNING_RATE)
 RATE_STEP = 3.0  # neighbouring grid rates differ by this factor
-INITS = ("random", "real_tokens", "zeros")
+INITS = PREFIX_INITS  # ours picks among every initialisation the library offers
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from examples.common import (
     warmup_kwargs,
 )
 from ptv2_plugin.config import RECOMMENDED_LEARNING_RATE, PTuningV2Config
-from ptv2_plugin.initialization import PREFIX_INITS
+from ptv2_plugin.config_checks import PREFIX_INITS
 from ptv2_plugin.training import RECOMMENDED_HEAD_LEARNING_RATE
 from ptv2_plugin.transformers_compat import checkpointing_arguments
 
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
         set_seed,
     )
 
-    from ptv2_plugin import ExportOnnxCallback, create_optimizer
+    from exporters.onnx import ExportOnnxCallback
+    from ptv2_plugin import create_optimizer
 
     set_seed(args.seed)
     if args.threads:

@@ -4,10 +4,14 @@ the adapter alone as an ONNX Runtime adapter file for a graph exported with ``--
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from .onnx import ExportValidationError, export, export_prefix_adapter
+from .onnx.layout import METADATA_FILE_NAME
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,8 +70,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.output is None and args.adapter_file is None:
         parser.error("pass --output (a graph folder), --adapter-file (an adapter file), or both")
-    from .onnx import ExportValidationError, export, export_prefix_adapter
-
     started = time.monotonic()
 
     def progress(message: str) -> None:
@@ -99,10 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_report(output: Path) -> None:
-    import json
-
-    from .onnx.layout import METADATA_FILE_NAME
-
     metadata = json.loads((output / METADATA_FILE_NAME).read_text())
     parity = metadata.get("parity")
     print(f"Exported {metadata['model_type']} / {metadata['task']} (adapters {', '.join(metadata['adapters'])}, "

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 PTUNING_V2_ATTENTION = "ptv2_prefixed"
 SUPPORTED_BASE_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -146,8 +147,6 @@ def base_attention_function(module: nn.Module) -> Callable:
     Resolved once per implementation name and remembered on the module's config view (this runs in every layer of
     every forward); ``set_attn_implementation`` changes the name and so the answer.
     """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     view = module.config if isinstance(module.config, PrefixedAttentionConfig) else None
     config = view.base_config if view is not None else module.config
     implementation = config._attn_implementation or "eager"
@@ -215,8 +214,6 @@ def _match(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
 
 
 def _sdpa_would_be_causal(module: nn.Module, attend: Callable, query: torch.Tensor, kwargs: dict) -> bool:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     if attend is not ALL_ATTENTION_FUNCTIONS.get("sdpa") or query.shape[2] <= 1:
         return False
     is_causal = kwargs.get("is_causal")
@@ -224,8 +221,6 @@ def _sdpa_would_be_causal(module: nn.Module, attend: Callable, query: torch.Tens
 
 
 def register_attention_function() -> None:
-    from transformers.modeling_utils import AttentionInterface
-
     AttentionInterface.register(PTUNING_V2_ATTENTION, prefixed_attention)
 
 

@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 
 from . import config_checks as checks
-from .config_checks import MAX_ENCODER_HIDDEN_SIZE, MAX_VIRTUAL_TOKENS
-from .initialization import PREFIX_INITS
-from .registration import PEFT_TYPE_NAME, _add_peft_type_member
+from .config_checks import MAX_ENCODER_HIDDEN_SIZE, MAX_VIRTUAL_TOKENS, PREFIX_INITS
+from .peft_type import PEFT_TYPE_NAME, add_peft_type_member
 
 # AdamW learning rate for the default adapter (projection on) and the task head, one rate for both (HF Trainer's
 # `learning_rate`). The MLP's output layer turns one AdamW step of size lr on each weight into a change of up to
@@ -114,7 +113,7 @@ class PTuningV2Config(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = _add_peft_type_member(PEFT_TYPE_NAME)
+        self.peft_type = add_peft_type_member(PEFT_TYPE_NAME)
         self._validate()
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)

@@ -29,6 +29,7 @@ except ImportError:  # Python 3.10
     import sre_constants
     import sre_parse
 
+PREFIX_INITS = ("random", "real_tokens", "zeros")  # PTuningV2Config.prefix_init, applied by initialization.py
 MAX_VIRTUAL_TOKENS = 4096  # a longer prefix would dwarf every real input: a mistake, not a design choice
 MAX_ENCODER_HIDDEN_SIZE = 65536  # wider than the hidden size of any model; the model-derived bound is tighter
 ENCODER_HIDDEN_FACTOR = 4  # encoder_hidden_size <= 4 x hidden size, the width of a transformer's feed-forward layer

@@ -37,7 +37,6 @@ from .transformers_compat import cache_from_output
 
 logger = logging.getLogger(__name__)
 
-PREFIX_INITS = ("random", "real_tokens", "zeros")
 # Key/value projections of encoder self-attention modules, (key, value) or one fused QKV projection.
 KV_PROJECTIONS = (("key", "value"), ("key_proj", "value_proj"), ("k_proj", "v_proj"), ("k_lin", "v_lin"), ("k", "v"))
 FUSED_QKV = ("Wqkv",)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import EncoderDecoderCache
 
 from .attention import (
     _ACTIVE,
@@ -296,8 +297,6 @@ class _PrefixingCache:
 
 @functools.cache
 def _prefixing_encoder_decoder_cache_class() -> type:
-    from transformers.cache_utils import EncoderDecoderCache
-
     class PrefixingEncoderDecoderCache(EncoderDecoderCache):
         """A view of an ``EncoderDecoderCache`` (T5 checks the type) whose two caches prefix what they return."""
 
@@ -344,8 +343,6 @@ class CacheInjection(Injection):
             self.handles.append(_override(self.module, "compute_bias", _bias_without_prefix(self.module.compute_bias)))
 
     def before(self, prefix: ActivePrefix, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        from transformers.cache_utils import EncoderDecoderCache
-
         call = _Bound(self.module, args, kwargs)
         hidden, n = call.get("hidden_states"), prefix.length
         prefix.check_batch(hidden.shape[0])

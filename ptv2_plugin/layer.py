@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,6 +25,10 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ("ptv2_slot",)
+    # Where ``prefix`` takes keys/values from: None (default) reads the adapters' prefix encoders. A callable
+    # ``(adapter_names) -> ActivePrefix | None`` replaces that source; exporters set it while tracing, so the prefix
+    # arrives as graph inputs, and reset it to None afterwards. Everything else (injection, masks, caches) is unchanged.
+    prefix_source: Callable[[list[str]], ActivePrefix | None] | None = None
 
     def __init__(self, base_layer: nn.Module, encoders: nn.ModuleDict) -> None:
         super().__init__()
@@ -50,6 +55,8 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
 
     def prefix(self, adapter_names: list[str]) -> ActivePrefix | None:
         """Keys/values of the given adapters, concatenated along the prefix axis, shaped (1, kv_heads, n, head_dim)."""
+        if self.prefix_source is not None:
+            return self.prefix_source(adapter_names)
         if len(adapter_names) == 1:  # the common case, served from the encoder's cache without a copy
             found = self._encoder_slot(adapter_names[0])
             return None if found is None else found[0].slot_prefix(found[1])

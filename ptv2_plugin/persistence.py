@@ -24,7 +24,7 @@ from peft import PeftConfig, PeftModel
 
 from .atomic_folder import replace_folder, unswappable_reason
 from .config import PTuningV2Config
-from .registration import PEFT_TYPE_NAME
+from .peft_type import PEFT_TYPE_NAME
 
 logger = logging.getLogger(__name__)
 

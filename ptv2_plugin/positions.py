@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layer import PTuningV2Layer
 from .transformers_compat import cached_length
 
 
@@ -67,8 +68,6 @@ def install_position_shift(model: nn.Module, tuner: nn.Module, adapter_name: str
 
 
 def _adapter_enabled(tuner: nn.Module) -> bool:
-    from .layer import PTuningV2Layer
-
     for module in tuner.model.modules():
         if isinstance(module, PTuningV2Layer):
             return not module.disable_adapters

@@ -268,9 +268,9 @@ def test_validation_fails_when_the_prefix_is_zeroed_or_dropped(exported, tmp_pat
 
 @pytest.mark.parametrize("arch", ["distilbert", "llama"])
 def test_export_discards_a_graph_whose_prefix_was_zeroed(tmp_path, monkeypatch, arch):
-    export_module = importlib.import_module("exporters.onnx.export")  # the package's `export` is the function
-    frozen = export_module.frozen_prefix
-    monkeypatch.setattr(export_module, "frozen_prefix",
+    plan_module = importlib.import_module("exporters.onnx.plan")
+    frozen = plan_module.frozen_prefix
+    monkeypatch.setattr(plan_module, "frozen_prefix",
                         lambda *args: {k: torch.zeros_like(v) for k, v in frozen(*args).items()})
     with pytest.raises(ExportValidationError, match="discarded"):
         export(peft_model(arch), tmp_path / "out")

@@ -24,7 +24,8 @@ from exporters.onnx import (  # noqa: E402
     export,
     load,
 )
-from exporters.onnx.seq2seq import flatten_encoder_decoder_cache, slot_locations  # noqa: E402
+from exporters.onnx.caches import flatten_cache  # noqa: E402
+from exporters.onnx.seq2seq import slot_locations  # noqa: E402
 from ptv2_plugin import PTuningV2Config  # noqa: E402
 from ptv2_plugin.architectures import CROSS_ATTENTION, DECODER_SELF_ATTENTION, ENCODER_SELF_ATTENTION  # noqa: E402
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs  # noqa: E402
@@ -109,7 +110,7 @@ def test_decoder_steps_from_empty_past_and_caches_hold_real_tokens_only(exported
         for layer in cache_from_output(actual):
             assert layer[0].shape[2] == layer[1].shape[2] == step + 1
             assert layer[2].shape[2] == layer[3].shape[2] == 7
-        expected = flatten_encoder_decoder_cache(cache_from_output(reference))
+        expected = flatten_cache(cache_from_output(reference))
         got = [t for layer in cache_from_output(actual) for t in layer]
         for index, (e, g) in enumerate(zip(expected, got)):
             assert_parity(g, e, context=(arch, step, "cache", index))

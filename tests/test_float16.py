@@ -227,7 +227,7 @@ def _ort(model: onnx.ModelProto, feed: dict) -> np.ndarray:
 def test_float16_export_of_a_graph_over_the_protobuf_limit(tmp_path, monkeypatch):
     """Over 2 GB the weights go to a side file and the converter works from the file (shape inference needs it);
     the threshold is lowered so a tiny model takes that path."""
-    monkeypatch.setattr(importlib.import_module("exporters.onnx.export"), "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(importlib.import_module("exporters.onnx.postprocess"), "EXTERNAL_DATA_BYTES", 0)
     model = peft_model("llama")
     folder = export(model, tmp_path / "fp16", dtype="float16")  # validated on the written files
     assert (folder / "model.onnx_data").is_file() and not list(folder.glob("float32-*"))

@@ -192,6 +192,7 @@ def test_serving_imports_no_exporter():
     (peft imports torch.onnx on its own, so that is not ours to check)."""
     output = run_python("import sys\nimport examples.serve\n"
                         "print(sorted(m for m in sys.modules if m.startswith(('exporters.onnx.export', "
-                        "'exporters.onnx.tracing', 'exporters.onnx.adapter_export', 'exporters.onnx.seq2seq'))))",
+                        "'exporters.onnx.trace', 'exporters.onnx.model_patcher', 'exporters.onnx.adapter_export', "
+                        "'exporters.onnx.seq2seq', 'exporters.onnx.plan'))))",
                         timeout=120)
     assert output.strip().splitlines()[-1] == "[]"

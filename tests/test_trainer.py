@@ -234,8 +234,7 @@ def test_load_best_model_at_end_restores_best_adapter(tmp_path, arch):
 # ------------------------------------------------------------------------------------------ ExportOnnxCallback
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_export_onnx_callback_exports_the_best_adapter(tmp_path, arch):
-    from exporters.onnx import ORTModelForSequenceClassification
-    from ptv2_plugin import ExportOnnxCallback
+    from exporters.onnx import ExportOnnxCallback, ORTModelForSequenceClassification
     from tests.tiny_models import sample_inputs
 
     model = peft_model(arch)
@@ -275,7 +274,7 @@ def files_under(folder) -> dict[str, bytes]:
 
 
 def test_export_callback_refuses_the_trainers_output_dir_before_any_checkpoint_is_lost(tmp_path):
-    from ptv2_plugin import ExportOnnxCallback
+    from exporters.onnx import ExportOnnxCallback
 
     run = tmp_path / "run"
     model = peft_model()
@@ -295,7 +294,7 @@ def test_export_callback_refuses_the_trainers_output_dir_before_any_checkpoint_i
 
 
 def test_export_callback_refuses_a_busy_folder_when_the_trainer_is_built(tmp_path):
-    from ptv2_plugin import ExportOnnxCallback
+    from exporters.onnx import ExportOnnxCallback
 
     target = tmp_path / "onnx"
     target.mkdir()
@@ -309,14 +308,13 @@ def test_export_callback_refuses_a_busy_folder_when_the_trainer_is_built(tmp_pat
 
 
 def test_failed_export_is_logged_and_reported_and_the_run_goes_on(tmp_path, caplog):
-    from exporters.onnx import ExportValidationError
-    from ptv2_plugin import ExportOnnxCallback
+    from exporters.onnx import ExportOnnxCallback, ExportValidationError
 
     model = peft_model()
     callback = ExportOnnxCallback(tmp_path / "onnx", atol=-1.0)  # an impossible tolerance: the export's check fails
     trainer = Trainer(model=model, args=training_args(tmp_path / "run"), train_dataset=ToyDataset(),
                       callbacks=[callback])
-    with caplog.at_level(logging.ERROR, logger="ptv2_plugin.callbacks"):
+    with caplog.at_level(logging.ERROR, logger="exporters.onnx.callbacks"):
         trainer.train()
     assert f"export to {tmp_path / 'onnx'} failed" in caplog.text and "onnx-export-report.json" in caplog.text
     report = json.loads((tmp_path / "onnx-export-report.json").read_text())
@@ -334,7 +332,8 @@ def test_failed_export_is_logged_and_reported_and_the_run_goes_on(tmp_path, capl
 
 def test_real_batch_mismatch_is_reported_inside_the_export(tmp_path, caplog, monkeypatch):
     import exporters.onnx as onnx_exporter
-    from ptv2_plugin import ExportOnnxCallback
+    import exporters.onnx.callbacks as callbacks_module
+    from exporters.onnx import ExportOnnxCallback
 
     real_load = onnx_exporter.load
 
@@ -348,12 +347,12 @@ def test_real_batch_mismatch_is_reported_inside_the_export(tmp_path, caplog, mon
 
         return run
 
-    monkeypatch.setattr(onnx_exporter, "load", shifted_load)
+    monkeypatch.setattr(callbacks_module, "load", shifted_load)
     callback = ExportOnnxCallback(tmp_path / "onnx")
     args = training_args(tmp_path / "run", max_steps=2, eval_strategy="steps", eval_steps=1)
     trainer = Trainer(model=peft_model(), args=args, train_dataset=ToyDataset(), eval_dataset=ToyDataset(16, seed=1),
                       callbacks=[callback])
-    with caplog.at_level(logging.ERROR, logger="ptv2_plugin.callbacks"):
+    with caplog.at_level(logging.ERROR, logger="exporters.onnx.callbacks"):
         trainer.train()
     from exporters.onnx.tolerances import default_tolerance
 
@@ -367,7 +366,7 @@ def test_real_batch_mismatch_is_reported_inside_the_export(tmp_path, caplog, mon
 
 
 def test_cpu_copy_is_float32_eval_and_leaves_the_model_alone():
-    from ptv2_plugin.callbacks import cpu_copy
+    from exporters.onnx.callbacks import cpu_copy
 
     model = peft_model().to(torch.bfloat16).train()
     copy = cpu_copy(model)

@@ -1,9 +1,10 @@
 """ONNX export of P-Tuning v2 models (prefix frozen into the graph, or swappable per call as ONNX Runtime adapter
 files) and ONNX Runtime models to serve them.
 
-The export side (``export``, ``export_prefix_adapter``, ``check_output_dir``, ``ExportValidationError``: the
-tracer, torch.onnx) is imported on first use, so a server that only loads graphs and adapter files (``load``,
-``ORTModelFor*``) never imports it.
+The export side (``export``, ``export_prefix_adapter``, ``check_output_dir``, ``ExportValidationError`` and the
+Trainer's ``ExportOnnxCallback``: the tracer, torch.onnx) is imported on first use, so a server that only loads
+graphs and adapter files (``load``, ``ORTModelFor*``, all from the ``serving`` package) never imports it. See
+``docs/architecture.md`` for which module may import which.
 """
 
 import sys
@@ -20,9 +21,8 @@ from .layout import (
     PREFIX_INITIALIZER,
     VALIDATION_REPORT_FILE_NAME,
 )
-from .prefix_adapters import PrefixAdapterMismatch
 from .providers import CPU, cuda_provider_options
-from .runtime import (
+from .serving import (
     ORTModel,
     ORTModelForCausalLM,
     ORTModelForFeatureExtraction,
@@ -30,14 +30,15 @@ from .runtime import (
     ORTModelForSeq2SeqLM,
     ORTModelForSequenceClassification,
     ORTModelForTokenClassification,
+    PrefixAdapterMismatch,
     create_session,
     load,
     swappable_session_options,
 )
 from .tolerances import resolve_tolerance
 
-_EXPORT_SIDE = {"export": ".export", "ExportValidationError": ".export", "check_output_dir": ".export",
-                "export_prefix_adapter": ".adapter_export"}
+_EXPORT_SIDE = {"export": ".export", "ExportValidationError": ".export", "check_output_dir": ".folder",
+                "export_prefix_adapter": ".adapter_export", "ExportOnnxCallback": ".callbacks"}
 
 
 class _ExportSideOnDemand(types.ModuleType):
@@ -64,6 +65,7 @@ __all__ = [
     "ONNX_FILE_NAME",
     "PREFIX_INITIALIZER",
     "VALIDATION_REPORT_FILE_NAME",
+    "ExportOnnxCallback",
     "ExportValidationError",
     "ORTModel",
     "ORTModelForCausalLM",

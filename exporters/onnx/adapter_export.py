@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from . import layout as L
 from .adapter_tensors import adapter_tensors, base_fingerprint
-from .export import _parse_dtype, _resolve_adapters, _resolve_model, _resolve_task
+from .model_source import resolve_adapters, resolve_model, resolve_task
+from .plan import parse_dtype
 
 
 def export_prefix_adapter(model: Any, path: str | os.PathLike, *, adapter_name: str | None = None,
@@ -31,18 +33,16 @@ def export_prefix_adapter(model: Any, path: str | os.PathLike, *, adapter_name: 
     match the graph's (float32 or float16), ``prefix_capacity`` the graph's (for graphs exported with one: the
     prefix is padded to it and its real length stored). Returns ``path``.
     """
-    import onnxruntime as ort
-
     path = Path(path)
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass force=True (--force) to replace it.")
-    torch_dtype = _parse_dtype(dtype)
-    peft_model, _ = _resolve_model(model, base_model, task, lambda _message: None)
-    task = _resolve_task(peft_model, task)
+    torch_dtype = parse_dtype(dtype)
+    peft_model, _ = resolve_model(model, base_model, task, lambda _message: None)
+    task = resolve_task(peft_model, task)
     if task == "SEQ_2_SEQ_LM":
         raise NotImplementedError("Prefix adapter files for encoder-decoder (SEQ_2_SEQ_LM) models are not supported "
                                   "yet.")
-    (name,) = _resolve_adapters(peft_model, adapter_name, None)
+    (name,) = resolve_adapters(peft_model, adapter_name, None)
     tensors = {key: (value if key == L.PREFIX_LENGTH else value.to(torch_dtype)).numpy()
                for key, value in adapter_tensors(peft_model, name, prefix_capacity).items()}
     fingerprint = base_fingerprint(peft_model)

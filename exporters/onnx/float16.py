@@ -25,6 +25,8 @@ from pathlib import Path
 
 import onnx
 from onnx import TensorProto
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+from onnxruntime.transformers.onnx_model import OnnxModel
 
 FLOAT32_OPS = ("LayerNormalization", "Softmax")
 _NORM_CHAIN_OPS = {"Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal"}
@@ -38,9 +40,6 @@ def convert_to_float16(proto: onnx.ModelProto, *, external_path: Path | None = N
     ``external_path``: for graphs over protobuf's 2 GB, ``proto`` is first saved there with external data, and the
     converter reads the file (ONNX shape inference, which the converter needs for its casts, works on files only).
     """
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
     _name_nodes(proto.graph)
     keep = sorted(float32_nodes(proto.graph))
     source: onnx.ModelProto | str = proto

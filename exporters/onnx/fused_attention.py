@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from ptv2_plugin import PTuningV2Layer
 from ptv2_plugin.attention import PTUNING_V2_ATTENTION, current_prefix, prepend_prefix, uses_attention_interface
@@ -233,8 +234,6 @@ def fused_prefix_attention(enabled: bool = True, model: torch.nn.Module | None =
     if not enabled:
         yield None
         return
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-
     original = ALL_ATTENTION_FUNCTIONS[PTUNING_V2_ATTENTION]
     trace = FusedTrace()
     token = _TRACE.set(trace)

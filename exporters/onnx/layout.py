@@ -194,3 +194,30 @@ def _seq2seq_decoder(num_layers: int, past: bool) -> GraphLayout:
         task="SEQ_2_SEQ_LM", inputs=inputs, outputs=outputs, dynamic_axes=dynamic, num_layers=num_layers,
         with_past=past, part="decoder_with_past" if past else "decoder",
     )
+
+
+# ------------------------------------------------------------------------------------- layouts of a model config
+def build_layouts(config, task: str, with_past: bool) -> dict[str, GraphLayout]:
+    """File name -> graph layout of everything an export of ``task`` writes for a model with ``config``."""
+    if task == "SEQ_2_SEQ_LM":
+        return seq2seq_layouts(num_decoder_layers(config), with_past)
+    return {ONNX_FILE_NAME: build_layout(config, task, with_past)}
+
+
+def build_layout(config, task: str, with_past: bool) -> GraphLayout:
+    if task == "CAUSAL_LM":
+        return decoder_layout(num_layers(config), with_past)
+    return encoder_layout(task, config.model_type, getattr(config, "type_vocab_size", None))
+
+
+def num_decoder_layers(config) -> int:
+    for name in ("num_decoder_layers", "decoder_layers"):  # T5, BART
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return num_layers(config)
+
+
+def num_layers(config) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.num_hidden_layers)

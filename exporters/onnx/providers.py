@@ -14,6 +14,9 @@ import warnings
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
+import onnxruntime as ort
+
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 ONNXRUNTIME_WHEELS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
@@ -83,9 +86,7 @@ def cuda_unavailable_reason() -> str | None:
     when the driver, CUDA or cuDNN libraries are missing, and then silently runs on CPU. CUDA/cuDNN from the nvidia-*
     pip packages (what PyTorch uses) are preloaded first where onnxruntime can (``preload_dlls``, >= 1.21).
     """
-    import numpy as np
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper  # onnx only for this probe graph: serving processes need no onnx otherwise
 
     if CUDA not in ort.get_available_providers():
         return missing_provider_message(CUDA, ort)

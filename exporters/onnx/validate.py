@@ -8,7 +8,6 @@ adapter is compared with PyTorch running that adapter.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,9 +18,11 @@ import torch
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 
 from . import layout as L
-from .export import build_layout, flatten_cache, sample_inputs
+from .caches import flatten_cache
 from .providers import CPU, CUDA, cuda_provider_options
-from .runtime import load
+from .sample_inputs import sample_inputs
+from .serving import load
+from .serving.session import read_metadata
 from .tolerances import Tolerance, default_tolerance
 
 ENCODER_SHAPES = ((1, 4), (2, 7), (3, 11))
@@ -107,17 +108,19 @@ class ParityReport:
 
 def check_parity(model, folder: str | Path, adapters: list[str] | None = None, *,
                  provider: str = CPU, tolerance: Tolerance | None = None,
-                 tf32: bool = False) -> ParityReport:
+                 tf32: bool = False, metadata: dict | None = None) -> ParityReport:
     """Compare ``model`` (PyTorch, float32) with the exported ``folder`` on ONNX Runtime ``provider``.
 
     ``tolerance`` defaults to the one for the folder's dtype and ``provider``. On CUDA, TF32 is off on both sides
     unless ``tf32``: ONNX Runtime's CUDA provider enables it by default, and its rounding alone can exceed a float32
-    tolerance, rejecting good exports (or, with a loose tolerance, hiding real differences).
+    tolerance, rejecting good exports (or, with a loose tolerance, hiding real differences). ``metadata``: the
+    folder's ``ptv2_export.json`` content when the file is not written yet (the exporter validates before).
     """
+    metadata = read_metadata(folder) if metadata is None else metadata
     if tolerance is None:
-        tolerance = default_tolerance(_folder_dtype(folder), provider, tf32=tf32)
+        tolerance = default_tolerance(metadata.get("dtype", "float32"), provider, tf32=tf32)
     options = cuda_provider_options(tf32=tf32) if provider == CUDA else None
-    ort_model = load(folder, provider, provider_options=options)
+    ort_model = load(folder, provider, provider_options=options, metadata=metadata)
     report = ParityReport(tolerance=tolerance, provider=provider, tf32=tf32 and provider == CUDA)
     names = adapters or [None]
     with torch_tf32(tf32):
@@ -130,11 +133,6 @@ def check_parity(model, folder: str | Path, adapters: list[str] | None = None, *
                 else:
                     _check_encoder(model, ort_model, report, index if adapters else None, name)
     return report
-
-
-def _folder_dtype(folder: str | Path) -> str:
-    metadata = Path(folder) / L.METADATA_FILE_NAME
-    return json.loads(metadata.read_text()).get("dtype", "float32") if metadata.is_file() else "float32"
 
 
 @contextmanager
@@ -167,7 +165,7 @@ def _device_inputs(model, inputs: dict) -> dict:
 
 
 def _check_encoder(model, ort_model, report: ParityReport, adapter_id, name) -> None:
-    graph = build_layout(model.base_model.model.config, ort_model.task, with_past=False)
+    graph = L.build_layout(model.base_model.model.config, ort_model.task, with_past=False)
     generator = torch.Generator().manual_seed(1)
     tag = f"[{name}] " if name else ""
     for batch, length in ENCODER_SHAPES:
@@ -206,14 +204,12 @@ def _check_decoder(model, ort_model, report: ParityReport, adapter_id, name) -> 
             report.add(f"{tag}logits batch={batch} len={length} step={step + 1}", reference.logits, actual.logits)
             torch_past, ort_past = cache_from_output(reference), cache_from_output(actual)
         expected = flatten_cache(torch_past)
-        got = [t for pair in ort_past for t in pair]
+        got = flatten_cache(ort_past)
         report.add(f"{tag}present batch={batch} len={length}", torch.stack([t.float() for t in expected]),
                    torch.stack([t.float() for t in got]))
 
 
 def _check_seq2seq(model, ort_model, report: ParityReport, adapter_id, name) -> None:
-    from .seq2seq import flatten_encoder_decoder_cache
-
     generator = torch.Generator().manual_seed(1)
     tag = f"[{name}] " if name else ""
     vocab = int(model.config.vocab_size)
@@ -242,8 +238,8 @@ def _check_seq2seq(model, ort_model, report: ParityReport, adapter_id, name) -> 
                                decoder_input_ids=token, **cache_kwargs(ort_past), adapter_ids=_ids(adapter_id, batch))
             report.add(f"{tag}logits {case} step={step + 1}", reference.logits, actual.logits)
             torch_past, ort_past = cache_from_output(reference), cache_from_output(actual)
-        expected = flatten_encoder_decoder_cache(torch_past)
-        got = [t for layer in ort_past for t in layer]
+        expected = flatten_cache(torch_past)
+        got = flatten_cache(ort_past)
         for kind, index in (("self-attention", 0), ("cross-attention", 2)):
             pick = [i for i in range(len(expected)) if i % 4 in (index, index + 1)]
             report.add(f"{tag}{kind} cache {case}", torch.stack([expected[i].float() for i in pick]),

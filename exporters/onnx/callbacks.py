@@ -22,6 +22,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from .export import export
+from .folder import check_output_dir
+from .layout import VALIDATION_REPORT_FILE_NAME
+from .providers import CPU
+from .serving import load
+from .tolerances import resolve_tolerance
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,7 +42,8 @@ class ExportOnnxCallback(TrainerCallback):
     (``atol + rtol * max|torch|``, see ``exporters/onnx/tolerances.py``; ``atol`` overrides the absolute part).
     A failed export goes to ``<folder>-export-report.json`` beside the folder, a failed real-batch check to
     ``ptv2_validation_report.json`` inside it; both are logged as errors, and raised only with ``strict=True``.
-    Only the main process exports. ``exporters`` (and onnx/onnxruntime) are imported here, not by ``ptv2_plugin``.
+    Only the main process exports. It lives with the exporter (``from exporters.onnx import ExportOnnxCallback``):
+    ``ptv2_plugin`` never imports ``exporters``, onnx or onnxruntime.
     ``progress`` receives the exporter's stage messages (default: this module's logger).
     """
 
@@ -84,18 +92,17 @@ class ExportOnnxCallback(TrainerCallback):
                 f"An export there would replace the folder and delete the checkpoints. Give the export a folder of "
                 f"its own, e.g. ExportOnnxCallback({str(run / 'onnx')!r}) (the default when output_dir is None)."
             )
-        _exporter().check_output_dir(target, self.overwrite, option="ExportOnnxCallback(..., overwrite=True)")
+        check_output_dir(target, self.overwrite, option="ExportOnnxCallback(..., overwrite=True)")
 
     # ----------------------------------------------------------------------------------------- export at the end
     def on_train_end(self, args, state, control, model=None, processing_class=None, tokenizer=None, **kwargs):
         if not state.is_world_process_zero or model is None:
             return
-        exporter = _exporter()
         target = self._target(args)
         self.report, self.report_path = {}, None
         try:
             reference = cpu_copy(model)
-            self.export_dir = exporter.export(
+            self.export_dir = export(
                 reference,
                 target,
                 task=self.task,
@@ -108,7 +115,7 @@ class ExportOnnxCallback(TrainerCallback):
             )
             dataloader = kwargs.get("eval_dataloader")
             if self.validation_batches > 0 and dataloader is not None:
-                self.report = self._check_real_batches(exporter, reference, dataloader)
+                self.report = self._check_real_batches(reference, dataloader)
         except Exception as error:  # a finished run must not be lost to an export problem (strict=True: raise)
             self.report = {"ok": False, "error": f"{type(error).__name__}: {error}", "export_dir": str(target)}
             self._fail(target.parent / f"{target.name}-export-report.json", f"export to {target} failed: {error}",
@@ -117,14 +124,14 @@ class ExportOnnxCallback(TrainerCallback):
         if self.report and not self.report["ok"]:
             message = (f"the ONNX export at {self.export_dir} differs from PyTorch by {self.report['max_abs_diff']:.3g}"
                        f", beyond {self.report['tolerance']}, on real evaluation batches (both on the CPU)")
-            self._fail(self.export_dir / exporter.VALIDATION_REPORT_FILE_NAME, message, None)
+            self._fail(self.export_dir / VALIDATION_REPORT_FILE_NAME, message, None)
             return
         logger.info("Exported the final adapter to %s %s", self.export_dir, self.report)
 
-    def _check_real_batches(self, exporter, reference: nn.Module, dataloader) -> dict[str, Any]:
+    def _check_real_batches(self, reference: nn.Module, dataloader) -> dict[str, Any]:
         """PyTorch (CPU copy) vs ONNX Runtime (CPU) on real evaluation batches: max |difference|, argmax agreement."""
-        ort_model = exporter.load(self.export_dir)
-        tolerance = exporter.resolve_tolerance(self.dtype, exporter.CPU, atol=self.atol)
+        ort_model = load(self.export_dir)
+        tolerance = resolve_tolerance(self.dtype, CPU, atol=self.atol)
         failed = False
         max_diff, agree, total = 0.0, 0, 0
         for batch in itertools.islice(dataloader, self.validation_batches):
@@ -166,13 +173,3 @@ def cpu_copy(model: nn.Module) -> nn.Module:
         memo[id(tensor)] = nn.Parameter(clone, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else clone
     return copy.deepcopy(model, memo).eval()
 
-
-def _exporter():
-    """``exporters.onnx``, imported only when a callback needs it: ``ptv2_plugin`` itself never imports it."""
-    try:
-        import exporters.onnx as onnx_exporter
-    except ImportError as error:
-        raise ImportError(
-            "ExportOnnxCallback needs the ONNX exporter and its dependencies: pip install 'ptv2-plugin[onnx]'."
-        ) from error
-    return onnx_exporter

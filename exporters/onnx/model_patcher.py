@@ -1,25 +1,72 @@
-"""Export-time context managers: everything the tracer needs is set up here and undone on exit.
+"""``ModelPatcher``: every export-time change to the model and to transformers, applied in one place while one graph
+is traced and undone on exit (as Optimum's ``ModelPatcher`` does for its exporter).
 
-Nothing in ``ptv2_plugin`` changes for export. The prefix reaches attention exactly as at inference (ContextVar,
-config view, projection hooks all run as plain Python under the TorchScript tracer); only *where the prefix comes
-from* is redirected: each ``PTuningV2Layer`` reads its keys/values from tensors the export wrapper receives as
-extra graph inputs. Those inputs are turned into initializers afterwards (see ``export.py``), which keeps their
-names stable (constant folding cannot rename or fuse an input) and keeps the MLP out of the graph.
+Nothing in ``ptv2_plugin`` is overwritten. The prefix reaches attention exactly as at inference (ContextVar, config
+view, projection hooks all run as plain Python under the tracer); only *where the prefix comes from* changes,
+through the seam the plugin offers for it: each ``PTuningV2Layer.prefix_source`` is set to read keys/values from
+tensors the traced module receives as extra graph inputs (a ``PrefixFeed``). Those inputs are turned into
+initializers afterwards (``postprocess.py``), which keeps their names stable (constant folding cannot rename or fuse
+an input) and keeps the MLP out of the graph. The other patches: eval mode and no grad, broadcast masks for
+transformers 4.5x, per-row or fed task heads (PEFT's ``modules_to_save``), and fused prefix attention.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
+from transformers import masking_utils
 
 from ptv2_plugin import PTuningV2Layer
 from ptv2_plugin.attention import ActivePrefix
 
 from . import layout as L
 from .adapter_tensors import head_module, head_wrappers
+from .fused_attention import FusedTrace, fused_prefix_attention
+
+
+class ModelPatcher:
+    """Context manager for tracing one graph of ``model``: yields itself, with ``feed`` (where the traced module puts
+    its trailing inputs) and ``fused_trace`` (the fused-attention record, None when fusion is off).
+
+    ``per_row_heads``: several adapters in one graph, each row runs its own task head. ``head_inputs``: the task
+    head's parameters come from the feed (swappable graphs). ``visible``: (adapters, n) real prefix columns."""
+
+    def __init__(self, model: nn.Module, adapters: Sequence[str], *, visible: torch.Tensor | None = None,
+                 per_row_heads: bool = False, head_inputs: bool = False, fused: bool = False) -> None:
+        self.model = model
+        self.adapters = list(adapters)
+        self.visible = visible
+        self.per_row_heads = per_row_heads
+        self.head_inputs = head_inputs
+        self.fused = fused
+        self.feed = PrefixFeed()
+        self.fused_trace: FusedTrace | None = None
+        self._stack: ExitStack | None = None
+
+    def __enter__(self) -> ModelPatcher:
+        with ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(eval_mode(self.model))
+            stack.enter_context(warnings.catch_warnings())
+            # Shape-dependent Python branches the tracer warns about are covered by the parity check across shapes.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            stack.enter_context(traceable_masks())
+            stack.enter_context(_prefix_from_feed(self.model, self.adapters, self.feed, self.visible))
+            if self.per_row_heads:
+                stack.enter_context(_heads_per_row(self.model, self.adapters, self.feed))
+            if self.head_inputs:
+                stack.enter_context(_heads_as_inputs(self.model, self.adapters[0], self.feed))
+            self.fused_trace = stack.enter_context(fused_prefix_attention(bool(self.fused), self.model))
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc_info) -> bool | None:
+        stack, self._stack = self._stack, None
+        return stack.__exit__(*exc_info)
 
 
 class PrefixFeed:
@@ -30,12 +77,24 @@ class PrefixFeed:
     """
 
     def __init__(self) -> None:
-        self.keys: Sequence[torch.Tensor] = ()
-        self.values: Sequence[torch.Tensor] = ()
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
         self.adapter_ids: torch.Tensor | None = None
         self.visible: torch.Tensor | None = None  # (adapters, n): real prefix columns, when lengths differ
         self.heads: dict[str, torch.Tensor] = {}  # prefix_as="adapter_inputs": head parameters, by graph input name
         self.length: torch.Tensor | None = None  # prefix_capacity graphs: (1,) number of real prefix tokens
+
+    def take(self, rest: list[torch.Tensor], slots: Sequence[int], per_row: bool, extra_names: Sequence[str]) -> None:
+        """Store a traced call's trailing inputs: (``per_row``) the adapter ids, then key and value of each slot,
+        then the extras by name (prefix length, task head parameters)."""
+        rest = list(rest)
+        if per_row:
+            self.adapter_ids = rest.pop(0)
+        prefix, extra = rest[: 2 * len(slots)], rest[2 * len(slots) :]
+        self.keys, self.values = dict(zip(slots, prefix[0::2])), dict(zip(slots, prefix[1::2]))
+        extras = dict(zip(extra_names, extra))
+        self.length = extras.pop(L.PREFIX_LENGTH, None)
+        self.heads = extras
 
     def prefix(self, slot: int) -> ActivePrefix:
         key, value = self.keys[slot], self.values[slot]
@@ -48,33 +107,15 @@ class PrefixFeed:
         return ActivePrefix(key.index_select(0, self.adapter_ids), value.index_select(0, self.adapter_ids), visible)
 
 
-def graph_arguments(example: dict[str, torch.Tensor], graph: L.GraphLayout, prefix: dict[str, torch.Tensor],
-                    adapters: int, device: torch.device) -> tuple[list[torch.Tensor], list[str], dict]:
-    """Positional arguments, input names and dynamic axes of one traced graph: the graph's inputs, then (several
-    adapters) each row's adapter id, then the prefix tensors, which become initializers after tracing."""
-    args = [example[name] for name in graph.inputs]
-    names = list(graph.inputs)
-    axes = dict(graph.dynamic_axes)
-    if adapters:
-        args.append(torch.arange(args[0].shape[0], device=device) % adapters)
-        names.append(L.ADAPTER_IDS_INPUT)
-        axes[L.ADAPTER_IDS_INPUT] = {0: "batch_size"}
-    for name, tensor in prefix.items():
-        args.append(tensor.to(device))
-        names.append(name)
-    return args, names, axes
-
-
 def prefixed_layers(model: nn.Module) -> list[PTuningV2Layer]:
     return [m for m in model.modules() if isinstance(m, PTuningV2Layer)]
 
 
 @contextmanager
-def prefix_from_feed(model: nn.Module, adapters: Sequence[str],
-                     visible: torch.Tensor | None = None) -> Iterator[PrefixFeed]:
-    """Make every prefixed layer take its keys/values from a ``PrefixFeed`` instead of its prefix encoder.
-    ``visible`` (adapters, n) masks the padding of shorter prefixes per row (a constant of the graph)."""
-    feed = PrefixFeed()
+def _prefix_from_feed(model: nn.Module, adapters: Sequence[str], feed: PrefixFeed,
+                      visible: torch.Tensor | None = None) -> Iterator[None]:
+    """Make every prefixed layer take its keys/values from ``feed`` (its ``prefix_source``) instead of its prefix
+    encoder. ``visible`` (adapters, n) masks the padding of shorter prefixes per row (a constant of the graph)."""
     feed.visible = visible.to(next(model.parameters()).device) if visible is not None else None
     layers = prefixed_layers(model)
     patched = []
@@ -89,16 +130,16 @@ def prefix_from_feed(model: nn.Module, adapters: Sequence[str],
                     "with the same target modules."
                 )
             slot = slots.pop()
-            layer.prefix = lambda _names, slot=slot: feed.prefix(slot)  # instance attribute shadows the method
+            layer.prefix_source = lambda _names, slot=slot: feed.prefix(slot)
             patched.append(layer)
-        yield feed
+        yield
     finally:
         for layer in patched:
-            layer.__dict__.pop("prefix", None)
+            layer.prefix_source = None
 
 
 @contextmanager
-def heads_from_feed(model: nn.Module, adapters: Sequence[str], feed: PrefixFeed) -> Iterator[None]:
+def _heads_per_row(model: nn.Module, adapters: Sequence[str], feed: PrefixFeed) -> Iterator[None]:
     """Multi-adapter export: every task head (PEFT's modules_to_save) runs each adapter's copy and keeps, per row,
     the output of the row's adapter (``feed.adapter_ids``), so a row gets its own prefix *and* its own head."""
     wrappers = list(head_wrappers(model).values())
@@ -122,7 +163,7 @@ def heads_from_feed(model: nn.Module, adapters: Sequence[str], feed: PrefixFeed)
 
 
 @contextmanager
-def heads_as_inputs(model: nn.Module, adapter: str, feed: PrefixFeed) -> Iterator[None]:
+def _heads_as_inputs(model: nn.Module, adapter: str, feed: PrefixFeed) -> Iterator[None]:
     """Swappable export: every task head runs the adapter's head with its parameters taken from ``feed.heads``
     (traced graph inputs ``ptv2.head.{module}.{param}``), so another adapter's head can be bound at run time."""
     wrappers = head_wrappers(model)
@@ -178,8 +219,7 @@ def _broadcast_mask(
     **_: object,
 ) -> torch.Tensor:
     """Boolean (batch, 1, q, kv) mask from an index-based mask function evaluated by broadcasting instead of vmap."""
-    from transformers import masking_utils as mu
-
+    mu = masking_utils
     mask_function = mask_function or mu.causal_mask_function
     if attention_mask is not None:
         padding = attention_mask.bool()
@@ -207,11 +247,7 @@ def _broadcast_eager_mask(*args, dtype: torch.dtype = torch.float32, **kwargs) -
 def traceable_masks() -> Iterator[None]:
     """transformers 4.5x builds causal masks with ``torch.vmap``, which TorchScript cannot trace; transformers 5
     builds them by broadcasting already. On 4.5x, register broadcast versions for the duration of the export."""
-    try:
-        from transformers import masking_utils as mu
-    except ImportError:  # pragma: no cover - transformers without masking_utils builds masks inline
-        yield
-        return
+    mu = masking_utils
     if not hasattr(mu, "sdpa_mask_recent_torch"):  # transformers 5: already traceable
         yield
         return

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
-from . import layout as L
+from .. import layout as L
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 
@@ -47,8 +48,6 @@ def swappable_inputs(session) -> dict[str, tuple[tuple, str]]:
 def read_prefix_adapter(path: str | Path, name: str | None, session, metadata: dict, device: str = "cpu",
                         device_id: int = 0) -> PrefixAdapter:
     """Load ``path`` for ``session`` (a graph exported with ``prefix_as="adapter_inputs"``) after checking it fits."""
-    import onnxruntime as ort
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No adapter file {path}; write one with exporters.onnx.export_prefix_adapter(...).")
