@@ -36,7 +36,14 @@ if str(ROOT) not in sys.path:
 
 import ptv2_plugin  # noqa: E402,F401  (registers the method with PEFT)
 from examples import common as example_common  # noqa: E402
-from examples.common import find_sst2, minilm_path, read_text_classification  # noqa: E402
+from examples.common import (  # noqa: E402
+    find_sst2,
+    label_config,
+    label_ids,
+    label_list,
+    minilm_path,
+    read_text_classification,
+)
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
@@ -58,24 +65,43 @@ DATA_SEED = 0
 # ----------------------------------------------------------------------------------------------------------- data
 @dataclass
 class TextData:
+    """Class ids of every split; ``label_names[i]`` is the label class i was read as (run_glue's label list)."""
+
     train_texts: list[str]
     train_labels: list[int]
     dev_texts: list[str]
     dev_labels: list[int]
+    tune_texts: list[str] = field(default_factory=list)  # held out from train for every choice; never dev
+    tune_labels: list[int] = field(default_factory=list)
+    label_names: list[str] = field(default_factory=lambda: ["0", "1"])
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
 
 
 def load_sst2(path: str | os.PathLike | None, train_size: int = TRAIN_SIZE, seed: int = DATA_SEED,
-              dev_size: int | None = None) -> TextData:
-    """SST-2 train subset (fixed seed, so every method sees the same examples) and the dev set."""
+              dev_size: int | None = None, tune_size: int = 0) -> TextData:
+    """SST-2 (or any folder with train.tsv/dev.tsv of any number of classes, string or int labels): a train subset
+    (fixed seed, so every method sees the same examples), a tuning split of ``tune_size`` further train examples
+    (disjoint from the subset), and the dev set."""
     folder = find_sst2(path)
     if folder is None:
         raise FileNotFoundError("SST-2 not found: pass --data DIR (with train.tsv and dev.tsv) or set $PTV2_SST2_DIR.")
-    texts, labels = read_text_classification(folder / "train.tsv")
+    texts, raw = read_text_classification(folder / "train.tsv")
+    classes = label_list(raw)
+    labels = label_ids(raw, classes, "train.tsv")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
-    order = order[: min(train_size, len(order))]
-    dev_texts, dev_labels = read_text_classification(folder / "dev.tsv", limit=dev_size)
-    return TextData([texts[i] for i in order], [labels[i] for i in order], dev_texts, dev_labels)
+    train = order[: min(train_size, len(order))]
+    tune = order[len(train) : len(train) + tune_size]
+    if len(tune) < tune_size:
+        raise ValueError(f"{folder / 'train.tsv'} has {len(texts)} examples: too few for a train subset of "
+                         f"{train_size} and a tuning split of {tune_size}.")
+    dev_texts, dev_raw = read_text_classification(folder / "dev.tsv", limit=dev_size)
+    return TextData([texts[i] for i in train], [labels[i] for i in train], dev_texts,
+                    label_ids(dev_raw, classes, "dev.tsv"), [texts[i] for i in tune], [labels[i] for i in tune],
+                    [str(c) for c in classes])
 
 
 def synthetic_data(train_size: int = 64, dev_size: int = 32, seed: int = 0) -> TextData:
@@ -143,24 +169,6 @@ class Method:
     head_lr: float | None = None  # None: the head trains with lr
 
 
-def standard_methods(n: int = 16) -> list[Method]:
-    """The methods of the quality benchmark with the learning rates each trains well with (see defaults_study)."""
-    lr = ptv2_plugin.RECOMMENDED_LEARNING_RATE
-    mlp = {"num_virtual_tokens": n, "prefix_projection": True}
-    return [
-        Method("ptv2_mlp", "ptv2", lr, mlp),
-        Method("ptv2_mlp_head_lr1e-2", "ptv2", lr, mlp, head_lr=ptv2_plugin.RECOMMENDED_HEAD_LEARNING_RATE),
-        Method("ptv2_no_mlp", "ptv2", ptv2_plugin.RECOMMENDED_LEARNING_RATE_NO_PROJECTION,
-               {"num_virtual_tokens": n, "prefix_projection": False}),
-        Method("peft_prefix_mlp", "peft_prefix", 1e-2, {"num_virtual_tokens": n, "prefix_projection": True}),
-        Method("peft_prefix_mlp_lr1e-3", "peft_prefix", 1e-3, {"num_virtual_tokens": n, "prefix_projection": True}),
-        Method("peft_prefix_no_mlp", "peft_prefix", 1e-2, {"num_virtual_tokens": n, "prefix_projection": False}),
-        Method("lora_r8", "lora", 1e-3, {"r": 8}),
-        Method("full_finetune", "full", 5e-5),
-        Method("linear_probe", "linear_probe", 1e-2),
-    ]
-
-
 @dataclass
 class Backbone:
     """A frozen base model factory (a fresh copy per method) and its tokenizer."""
@@ -170,16 +178,17 @@ class Backbone:
     tokenizer: Any
 
 
-def minilm_backbone(path: str | os.PathLike | None = None) -> Backbone:
-    """The real all-MiniLM-L6-v2 with a 2-way classification head (pooler pretrained, head new)."""
+def minilm_backbone(path: str | os.PathLike | None = None, label_names: Sequence[str] = ("0", "1")) -> Backbone:
+    """The real all-MiniLM-L6-v2 with a classification head over ``label_names`` (pooler pretrained, head new)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" notice is expected here
     folder = str(path or minilm_path())
+    labels = label_config(list(label_names))
     return Backbone(
         "all-MiniLM-L6-v2",
-        lambda: AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2),
+        lambda: AutoModelForSequenceClassification.from_pretrained(folder, **labels),
         AutoTokenizer.from_pretrained(folder),
     )
 
@@ -200,11 +209,21 @@ class ToyTokenizer:
         return {"input_ids": [ids(t) for t in texts]}
 
 
-def tiny_backbone(arch: str = "bert") -> Backbone:
+def tiny_backbone(arch: str = "bert", num_labels: int = 2) -> Backbone:
     """A tiny randomly initialised classifier (tests/tiny_models.py) for CI smoke runs."""
     from tests.tiny_models import VOCAB, tiny_model
 
-    return Backbone(f"tiny-{arch}", lambda: tiny_model(arch, "SEQ_CLS").train(), ToyTokenizer(VOCAB))
+    def make() -> nn.Module:
+        model = tiny_model(arch, "SEQ_CLS").train()
+        if num_labels != 2:  # a fresh head of the right width (tiny_model builds 2-way heads)
+            from transformers import AutoModelForSequenceClassification
+
+            torch.manual_seed(0)
+            model.config.num_labels = num_labels
+            model = AutoModelForSequenceClassification.from_config(model.config).train()
+        return model
+
+    return Backbone(f"tiny-{arch}", make, ToyTokenizer(VOCAB))
 
 
 def wrap(method: Method, base: nn.Module, task: str = "SEQ_CLS") -> nn.Module:
@@ -384,13 +403,18 @@ def train(model: nn.Module, data: Encoded, method: Method, cfg: TrainConfig,
 def evaluate(model: nn.Module, data: Encoded, batch_size: int = 64) -> dict[str, float]:
     model.eval()
     correct, predicted_one = 0, 0
+    counts = None
     for batch in data.batches(batch_size, group_by_length=True):
         labels = batch.pop("labels")
-        pred = model(**batch).logits.argmax(-1)
+        logits = model(**batch).logits
+        pred = logits.argmax(-1)
         correct += (pred == labels).sum().item()
-        predicted_one += pred.sum().item()
+        predicted_one += (pred == 1).sum().item()
+        found = torch.bincount(pred, minlength=logits.shape[-1])
+        counts = found if counts is None else counts + found
     model.train()
-    return {"accuracy": correct / len(data), "predicted_positive_rate": predicted_one / len(data)}
+    return {"accuracy": correct / len(data), "predicted_positive_rate": predicted_one / len(data),
+            "predicted_class_rates": [round(c / len(data), 4) for c in counts.tolist()]}
 
 
 # ------------------------------------------------------------------------------------------ attention diagnostics

@@ -36,11 +36,12 @@ def find_sst2(explicit: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
-def read_text_classification(path: str | os.PathLike, limit: int | None = None) -> tuple[list[str], list[int]]:
+def read_text_classification(path: str | os.PathLike, limit: int | None = None) -> tuple[list[str], list[Label]]:
     """Read (sentence, label) pairs from TSV, CSV or JSON lines, as HF's run_glue accepts them.
 
-    Columns: a ``label`` column plus the first of ``sentence``/``text``/``sentence1``; for headerless files, the
-    last column is the label if it is an integer, else the first.
+    Columns: a ``label`` column plus the first of ``sentence``/``text``/``sentence1``. Labels are kept as they are
+    written: an int where the cell is an integer, else the (stripped) string; ``label_list`` and ``label_ids`` turn
+    them into class ids for any number of classes.
     """
     path = Path(path)
     if not path.is_file():
@@ -58,10 +59,9 @@ def read_text_classification(path: str | os.PathLike, limit: int | None = None) 
         text_key = next((k for k in ("sentence", "text", "sentence1") if k in row), None)
         if text_key is None or "label" not in row:
             raise ValueError(f"{path}: need a 'label' column and a 'sentence' or 'text' column; got {sorted(row)}.")
-        try:
-            label = int(row["label"])
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}, row {number}: label {row['label']!r} is not an integer.") from error
+        label = _label(row["label"])
+        if label == "":
+            raise ValueError(f"{path}, row {number}: the label is empty.")
         texts.append(str(row[text_key]))
         labels.append(label)
         if limit is not None and len(texts) >= limit:
@@ -69,6 +69,48 @@ def read_text_classification(path: str | os.PathLike, limit: int | None = None) 
     if not texts:
         raise ValueError(f"{path} holds no examples.")
     return texts, labels
+
+
+Label = int | str
+
+
+def _label(value) -> Label:
+    """An integer label as an int (``"1"``, ``1``), anything else as its stripped string (``"positive"``)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return value
+    text = "" if value is None else str(value).strip()
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def label_list(labels: list[Label]) -> list[Label]:
+    """The classes, as HF's run_glue builds them: the sorted unique training labels (numerically if all are ints);
+    class id i is ``label_list[i]``. Mixed int/str labels are sorted as strings."""
+    unique = set(labels)
+    if all(isinstance(label, int) for label in unique):
+        return sorted(unique)
+    return sorted(unique, key=str)
+
+
+def label_ids(labels: list[Label], classes: list[Label], where: str = "data") -> list[int]:
+    """Class ids of ``labels``; a label the training set does not have is an error naming it."""
+    index = {label: i for i, label in enumerate(classes)}
+    unknown = sorted({str(label) for label in labels if label not in index})
+    if unknown:
+        raise ValueError(f"{where} has labels {unknown[:10]} that the training set does not have (classes: "
+                         f"{[str(c) for c in classes][:20]}).")
+    return [index[label] for label in labels]
+
+
+def label_config(classes: list[Label]) -> dict:
+    """``num_labels``, ``id2label`` and ``label2id`` for ``from_pretrained``, as run_glue sets them."""
+    names = [str(label) for label in classes]
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
+            "label2id": {name: i for i, name in enumerate(names)}}
 
 
 # ------------------------------------------------------------------------------------- generated data (offline)
@@ -114,7 +156,7 @@ def load_hub_text_classification(name: str, config: str | None, split: str, limi
         raise ValueError(f"{name}[{split}] needs 'label' and 'sentence'/'text' columns; has {data.column_names}.")
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
-    return [str(t) for t in data[text_key]], [int(x) for x in data["label"]]
+    return [str(t) for t in data[text_key]], [_label(x) for x in data["label"]]
 
 
 # ------------------------------------------------------------------------------------------- Trainer plumbing

@@ -12,7 +12,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from examples.common import Encoded, accuracy, find_sst2, minilm_path, read_text_classification
+from examples.common import (
+    Encoded,
+    accuracy,
+    find_sst2,
+    label_config,
+    label_ids,
+    label_list,
+    minilm_path,
+    read_text_classification,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,10 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     from ptv2_plugin import PTuningV2Config, create_optimizer
 
-    train_texts, train_labels = read_text_classification(train_file, limit=args.max_train_samples)
-    val_texts, val_labels = read_text_classification(validation_file, limit=args.max_eval_samples)
+    train_texts, train_raw = read_text_classification(train_file, limit=args.max_train_samples)
+    val_texts, val_raw = read_text_classification(validation_file, limit=args.max_eval_samples)
+    classes = label_list(train_raw)  # any number of classes, string or int labels (as run_glue)
+    train_labels, val_labels = label_ids(train_raw, classes, "train"), label_ids(val_raw, classes, "validation")
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), **label_config(classes))
     model = get_peft_model(base, PTuningV2Config(task_type="SEQ_CLS", num_virtual_tokens=args.num_virtual_tokens))
     model.print_trainable_parameters()
 

@@ -29,6 +29,7 @@ except ImportError:  # Python 3.10
     import sre_constants
     import sre_parse
 
+PREFIX_INITS = ("random", "real_tokens", "zeros")  # PTuningV2Config.prefix_init, applied by initialization.py
 MAX_VIRTUAL_TOKENS = 4096  # a longer prefix would dwarf every real input: a mistake, not a design choice
 MAX_ENCODER_HIDDEN_SIZE = 65536  # wider than the hidden size of any model; the model-derived bound is tighter
 ENCODER_HIDDEN_FACTOR = 4  # encoder_hidden_size <= 4 x hidden size, the width of a transformer's feed-forward layer
@@ -59,6 +60,11 @@ def check_number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}.")
     return float(value)
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
 
 
 def check_optional_str(name: str, value: Any) -> None:

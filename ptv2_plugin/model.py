@@ -16,6 +16,7 @@ from .architectures import KVGeometry, attention_location, default_target_module
 from .attention import ROW_ADAPTERS, register_attention_function
 from .config import PTuningV2Config
 from .config_checks import check_against_model
+from .initialization import initialize_prefix
 from .input_checks import check_forward_inputs, tracing
 from .layer import BASE_ROW, PTuningV2Layer
 from .persistence import check_adapter_shapes
@@ -109,6 +110,7 @@ class PTuningV2Model(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         check_against_model(self.peft_config[adapter_name], model.config)  # before anything is allocated
         self._pending_slots: list[KVGeometry] = []
+        self._pending_targets: list[tuple[str, nn.Module]] = []
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         config: PTuningV2Config = self.peft_config[adapter_name]
         model_config = getattr(model, "config", None)
@@ -124,8 +126,10 @@ class PTuningV2Model(BaseTuner):
         reference = next((p for p in model.parameters()), None)
         if reference is not None:
             encoder.to(reference.device)
+        if not config.__dict__.pop("_ptv2_loaded", False):  # created, not loaded: its weights start as configured
+            initialize_prefix(encoder, config, model, self._pending_targets)
         self.ptv2_prefix_encoder[adapter_name] = encoder
-        self._pending_slots = []
+        self._pending_slots, self._pending_targets = [], []
         self._sync_encoder_requires_grad()
         if config.shift_position_ids:
             self._ptv2_hooks.append(install_position_shift(model, self, adapter_name))
@@ -141,7 +145,9 @@ class PTuningV2Model(BaseTuner):
         parameter_name: str | None = None,
     ) -> None:
         slot = len(self._pending_slots)
-        self._pending_slots.append(kv_geometry(getattr(target, "base_layer", target), self.model.config))
+        base_module = getattr(target, "base_layer", target)
+        self._pending_slots.append(kv_geometry(base_module, self.model.config))
+        self._pending_targets.append((current_key, base_module))
         if isinstance(target, PTuningV2Layer):
             target.update_layer(adapter_name, slot)
             return

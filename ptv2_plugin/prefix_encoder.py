@@ -68,6 +68,47 @@ class PrefixEncoder(nn.Module):
         nn.init.normal_(self.transform[2].weight, std=self.init_std / self.transform[2].in_features**0.5)
         nn.init.zeros_(self.transform[2].bias)
 
+    @torch.no_grad()
+    def zero_output(self) -> None:
+        """Start with all-zero keys and values: every prefix key scores 0 and adds nothing to the output but a share
+        of the attention. With the MLP its output layer is zeroed (as LoRA's B), so the MLP's first layer and P
+        start learning once the output layer has moved."""
+        if self.transform is None:
+            nn.init.zeros_(self.embedding.weight)
+            return
+        nn.init.zeros_(self.transform[2].weight)
+        nn.init.zeros_(self.transform[2].bias)
+
+    @torch.no_grad()
+    def set_key_values(self, key_values: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Make the encoder emit exactly ``key_values`` (one (kv_heads, n, head_dim) pair per slot).
+
+        Without the MLP the free prefix is set directly. With it, P and the first layer keep their random init and
+        the output layer is solved for: bias = the tokens' mean key/value, weight = the minimum-norm least-squares
+        fit of each token's deviation from the mean on the MLP's hidden rows (float64). That fit is exact while
+        n <= the MLP width (the n hidden rows are then linearly independent) and leaves a small output weight
+        (~|deviation| / (width * E[tanh^2])), so the MLP still trains at its usual rate. A bias alone cannot do it:
+        it is shared by all n virtual tokens.
+        """
+        if len(key_values) != len(self.slots):
+            raise ValueError(f"Got keys/values for {len(key_values)} layers, the prefix feeds {len(self.slots)}.")
+        n = self.num_virtual_tokens
+        rows = []
+        for (key, value), geometry in zip(key_values, self.slots):
+            expected = (geometry.num_kv_heads, n, geometry.head_dim)
+            if tuple(key.shape) != expected or tuple(value.shape) != expected:
+                raise ValueError(f"Prefix keys/values must be {expected} per layer, got {tuple(key.shape)}.")
+            rows += [key.transpose(0, 1).reshape(n, -1), value.transpose(0, 1).reshape(n, -1)]
+        target = torch.cat(rows, dim=1).to(self.embedding.weight.device, torch.float64)  # the layout _split reads
+        if self.transform is None:
+            self.embedding.weight.copy_(target)
+            return
+        hidden = self.transform[1](self.transform[0](self.embedding.weight)).to(torch.float64)
+        bias = target.mean(dim=0)
+        weight = torch.linalg.pinv(hidden) @ (target - bias)  # (width, total)
+        self.transform[2].weight.copy_(weight.T)
+        self.transform[2].bias.copy_(bias)
+
     # ----------------------------------------------------------------------------------------------- computation
     def forward(self) -> torch.Tensor:
         """All slots at once, shape (n, total width): one run of the MLP."""

@@ -52,39 +52,115 @@ def peft_refuses_bert(monkeypatch):
     monkeypatch.setattr(peft.peft_model, "inspect", _InspectWithoutPastKeyValues())
 
 
-def test_quality_smoke(tmp_path):
+QUALITY_ROWS = ["ptv2_defaults", "ptv2_tuned", "lora_r8_tuned", "peft_prefix_tuned", "full_finetune_tuned"]
+
+
+def test_quality_protocol_smoke(tmp_path):
+    """The whole protocol on a tiny model: choices on the tuning split, every row on dev with every seed, the default
+    row marked, parameters while training and shipped, targets in the report."""
     from benchmarks import quality
 
-    quality.main(["--smoke", "--threads", "1", "--jobs", "1", "--out", str(tmp_path)])
-    rows = {r["method"]: r for r in _read(tmp_path)["results"]}
-    assert set(rows) == {m.name for m in common.standard_methods()}
-    refused = set() if PEFT_PREFIX_RUNS_ON_BERT else {name for name, r in rows.items() if r["kind"] == "peft_prefix"}
+    quality.main(["--smoke", "--jobs", "1", "--out", str(tmp_path), "--init-study-seeds", "0", "1"])
+    result = _read(tmp_path)
+    rows = {r["method"]: r for r in result["results"]}
+    study = result["meta"]["init_study"]  # every init at the final budget, on the tuning split, both seeds
+    assert [r["prefix_init"] for r in study] == list(quality.INITS) and all(r["seeds"] == 2 for r in study)
+    logged = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert {r["scored_on"] for r in logged if r["stage"] == "init_study"} == {"tune"}
+    assert {r["scored_on"] for r in logged if r["stage"] == "final"} == {"dev"}
+    assert list(rows) == QUALITY_ROWS and result["meta"]["complete"] is True
+    assert [name for name, r in rows.items() if r["default"]] == ["ptv2_defaults"]
+    assert rows["ptv2_defaults"]["options"]["prefix_init"] == result["meta"]["library_default_init"] == "random"
+    assert all(r["scored_on"] == "tune" for r in result["search"]) and result["search"]
+    families = {r["family"] for r in result["search"]}
+    assert families == {"ptv2", "lora_r8", "peft_prefix", "full_finetune"}
+    for family in families - {"ptv2"}:  # the same grid for every method: rates x {same head rate, separate head}
+        points = {(r["lr"], r["head_lr"]) for r in result["search"] if r["family"] == family}
+        assert len(points) == 2 and {head for _, head in points} == {None, quality.HEAD_LR}
+    inits = {r["options"]["prefix_init"] for r in result["search"] if r["stage"] == "init"}
+    assert inits == set(quality.INITS)
+    refused = set() if PEFT_PREFIX_RUNS_ON_BERT else {"peft_prefix_tuned"}
     for name, row in rows.items():
         if name in refused:
-            assert row["status"] == PEFT_REFUSAL and "accuracy_mean" not in row
-            continue
-        assert row["status"] == "ok" and 0.0 <= row["accuracy_mean"] <= 1.0
-        assert row["runs"][0]["steps"] == 4  # 64 examples, batch 16, one epoch
-    params = {name: row["trainable_params_without_head"] for name, row in rows.items() if name not in refused}
-    assert params["linear_probe"] == 0
-    assert 0 < params["lora_r8"] < params["ptv2_mlp"] < params["full_finetune"]
+            assert row["status"] == PEFT_REFUSAL and row["runs"] == []
+        elif row.get("runs"):
+            assert row["status"] == "ok" and [r["seed"] for r in row["runs"]] == [0, 1]
+            assert all(r["scored_on"] == "dev" and r["steps"] == 4 for r in row["runs"])  # 64 examples, batch 16
+            assert 0.0 <= row["accuracy_mean"] <= 1.0
+        else:
+            assert name == "ptv2_tuned" and row["status"].startswith("same as ptv2_defaults")
+    ours, full = rows["ptv2_defaults"], rows["full_finetune_tuned"]
+    assert ours["trainable_params_shipped"] < ours["trainable_params_training"]  # the MLP is not shipped
+    assert full["trainable_params_shipped"] == full["trainable_params_training"]
+    if PEFT_PREFIX_RUNS_ON_BERT:  # both ship n x layers x 2 x hidden prefix numbers (+ the head)
+        assert rows["peft_prefix_tuned"]["trainable_params_shipped"] == ours["trainable_params_shipped"]
     report = (tmp_path / "report.md").read_text()
-    assert "Target" in report
-    if PEFT_PREFIX_RUNS_ON_BERT:
-        assert params["ptv2_mlp"] == params["peft_prefix_mlp"]  # same MLP shape as PEFT's prefix tuning
-    else:
-        assert f"| peft_prefix_mlp | 0.01 | {PEFT_REFUSAL} |" in report
-        assert f"not measured, PEFT prefix tuning not runnable on transformers {transformers.__version__}" in report
+    assert "**Complete.**" in report and "ours-defaults >= best-tuned LoRA r=8" in report
+    assert "Search budget" in report and "Final budget" in report and "wall time" in report
+    assert "## Initialisation study" in report
+
+
+def test_quality_resumes_and_reports_partial_runs(tmp_path, capsys):
+    """Finished runs are kept in runs.jsonl; a killed run (even mid-line) continues with exactly the missing runs,
+    and a run stopped early says PARTIAL and how to finish."""
+    from benchmarks import quality
+
+    partial = quality.main(["--smoke", "--jobs", "1", "--out", str(tmp_path), "--stop-after-minutes", "0"])
+    assert partial["meta"]["complete"] is False
+    assert all(r["status"].startswith("partial") for r in partial["results"])
+    report = (tmp_path / "report.md").read_text()
+    assert "PARTIAL" in report and "--stop-after-minutes 0" in report
+    quality.main(["--smoke", "--jobs", "1", "--out", str(tmp_path)])
+    log = tmp_path / "runs.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:-2]) + "\n" + lines[-2][: len(lines[-2]) // 2])  # killed while writing
+    capsys.readouterr()
+    again = quality.main(["--smoke", "--jobs", "1", "--out", str(tmp_path)])
+    started = [line for line in capsys.readouterr().out.splitlines() if line.startswith("start ")]
+    assert len(started) == 2 and again["meta"]["complete"] is True and again["meta"]["sessions"] == 3
+    with pytest.raises(SystemExit, match="another budget"):  # runs of another budget never mix into one table
+        quality.main(["--smoke", "--jobs", "1", "--out", str(tmp_path), "--epochs", "2"])
+
+
+def test_quality_on_a_six_class_file_with_string_labels(tmp_path):
+    from benchmarks import quality
+
+    data = tmp_path / "data"
+    data.mkdir()
+    names = ["anger", "fear", "joy", "love", "sadness", "surprise"]
+    for split, size in (("train", 120), ("dev", 18)):
+        rows = "".join(f"{names[i % 6]} word{i % 7} thing{i % 5}\t{names[i % 6]}\n" for i in range(size))
+        (data / f"{split}.tsv").write_text("sentence\tlabel\n" + rows)
+    result = quality.main(["--smoke", "--jobs", "1", "--out", str(tmp_path / "out"), "--data", str(data),
+                           "--seeds", "0"])
+    assert result["meta"]["labels"] == names and result["meta"]["complete"] is True
+    row = result["results"][0]
+    assert len(row["runs"][0]["predicted_class_rates"]) == 6
+
+
+def test_quality_jobs_in_parallel_give_the_serial_results(tmp_path):
+    from benchmarks import quality
+
+    serial = quality.main(["--smoke", "--jobs", "1", "--out", str(tmp_path / "a"), "--seeds", "0"])
+    parallel = quality.main(["--smoke", "--jobs", "2", "--out", str(tmp_path / "b"), "--seeds", "0"])
+    assert [r["method"] for r in parallel["results"]] == QUALITY_ROWS
+    for one, other in zip(serial["results"], parallel["results"]):
+        assert [r.get("final_loss") for r in one["runs"]] == [r.get("final_loss") for r in other["runs"]]
+        assert one.get("accuracy_mean") == other.get("accuracy_mean")
+    meta = _read(tmp_path / "b")["meta"]
+    assert (meta["jobs"], meta["threads_per_job"]) == (2, 1)
+    with pytest.raises(SystemExit):
+        quality.main(["--smoke", "--jobs", "0", "--out", str(tmp_path / "c")])
 
 
 def test_a_peft_refusal_is_a_row_status_and_ours_is_still_measured(tmp_path, peft_refuses_bert):
     """Every benchmark with PEFT prefix rows turns PEFT's refusal into "not runnable" and still measures ours."""
     from benchmarks import inference, quality, training_cost
 
-    rows = quality.main(["--smoke", "--threads", "1", "--jobs", "1", "--out", str(tmp_path / "q"), "--methods",
-                         "ptv2_no_mlp", "peft_prefix_no_mlp"])
-    assert [r["status"] for r in rows] == ["ok", PEFT_REFUSAL] and rows[0]["accuracy_mean"] >= 0
-    assert "Target `above PEFT prefix tuning` (ptv2_mlp)" not in (tmp_path / "q" / "report.md").read_text()
+    rows = {r["method"]: r for r in quality.main(["--smoke", "--jobs", "1", "--out", str(tmp_path / "q"),
+                                                  "--seeds", "0"])["results"]}
+    assert rows["peft_prefix_tuned"]["status"] == PEFT_REFUSAL and rows["ptv2_defaults"]["accuracy_mean"] >= 0
+    assert "(peft_prefix_tuned missing)" in (tmp_path / "q" / "report.md").read_text()
 
     cost = training_cost.main(["--smoke", "--threads", "1", "--out", str(tmp_path / "t")])
     assert cost["status"] == {"ptv2": "ok", "peft_prefix": PEFT_REFUSAL, "lora_r8": "ok"}
@@ -136,45 +212,7 @@ def test_only_peft_s_own_refusal_of_a_peft_row_is_not_runnable(tmp_path, monkeyp
 
     monkeypatch.setattr(common, "wrap", ours_broken)
     with pytest.raises(ValueError, match="past key values"):
-        quality.main(["--smoke", "--threads", "1", "--jobs", "1", "--out", str(tmp_path),
-                      "--methods", "peft_prefix_no_mlp", "ptv2_no_mlp"])
-
-
-def test_quality_jobs_in_parallel_give_the_serial_results(tmp_path):
-    from benchmarks import quality
-
-    methods = ["ptv2_no_mlp", "lora_r8", "linear_probe"]
-    serial = quality.main(["--smoke", "--jobs", "1", "--threads", "1", "--out", str(tmp_path / "a"), "--methods",
-                           *methods])
-    parallel = quality.main(["--smoke", "--jobs", "2", "--out", str(tmp_path / "b"), "--methods", *methods])
-    assert [r["method"] for r in parallel] == methods  # the standard order, whichever worker finished first
-    for one, other in zip(serial, parallel):
-        assert one["runs"][0]["final_loss"] == other["runs"][0]["final_loss"]
-        assert one["accuracy_mean"] == other["accuracy_mean"]
-    meta = _read(tmp_path / "b")["meta"]
-    assert (meta["jobs"], meta["threads_per_job"]) == (2, 1)
-    with pytest.raises(SystemExit):
-        quality.main(["--smoke", "--jobs", "0", "--out", str(tmp_path / "c")])
-
-
-def test_quality_update_keeps_other_rows(tmp_path):
-    from benchmarks import quality
-
-    quality.main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--methods", "linear_probe"])
-    quality.main(["--smoke", "--threads", "1", "--jobs", "1", "--out", str(tmp_path), "--methods", "ptv2_no_mlp",
-                  "--update"])
-    assert [r["method"] for r in _read(tmp_path)["results"]] == ["ptv2_no_mlp", "linear_probe"]
-    with pytest.raises(SystemExit):
-        quality.main(["--smoke", "--out", str(tmp_path), "--methods", "nope"])
-    # Rows measured elsewhere (another process or machine) merge without retraining.
-    merged = tmp_path / "merged"
-    quality.main(["--smoke", "--out", str(merged), "--methods", "--merge-from", str(tmp_path / "results.json")])
-    assert [r["method"] for r in _read(merged)["results"]] == ["ptv2_no_mlp", "linear_probe"]
-    stored = json.loads((merged / "results.json").read_text())
-    stored["meta"]["epochs"] = 99
-    (merged / "results.json").write_text(json.dumps(stored))
-    with pytest.raises(SystemExit, match="budget"):  # a different budget never mixes into one table
-        quality.main(["--smoke", "--out", str(merged), "--methods", "--update"])
+        quality.main(["--smoke", "--jobs", "1", "--out", str(tmp_path), "--seeds", "0"])
 
 
 def test_training_cost_smoke(tmp_path):

@@ -71,3 +71,43 @@ def test_argument_and_data_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if the library were not installed
     with pytest.raises(RuntimeError, match="needs the 'datasets' library"):
         main(["--dataset", "stanfordnlp/sst2", "--output-dir", str(tmp_path)])
+
+
+def test_six_string_labels_train_without_code_changes(tmp_path):
+    """Any number of classes and string labels, mapped as HF's run_glue does (sorted unique training labels -> ids);
+    the saved adapter's head has one output per class."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from examples.common import minilm_path
+    from examples.main_job import main
+
+    names = ["sadness", "joy", "love", "anger", "fear", "surprise"]
+    rows = "".join(f"i feel {names[i % 6]} number {i}\t{names[i % 6]}\n" for i in range(30))
+    path = tmp_path / "emotions.tsv"
+    path.write_text("sentence\tlabel\n" + rows)
+    results = main(["--train-file", str(path), "--validation-file", str(path), "--output-dir", str(tmp_path / "out"),
+                    "--no-export", *SMALL])
+    assert results["labels"] == sorted(names)
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=6)
+    model = PeftModel.from_pretrained(base, tmp_path / "out" / "adapter")
+    assert model.config.num_labels == 6 and config["prefix_init"] in ("random", "real_tokens", "zeros")
+
+
+def test_label_mapping_follows_run_glue(tmp_path):
+    from examples.common import label_config, label_ids, label_list, read_text_classification
+
+    assert label_list([10, 2, 2, 0]) == [0, 2, 10]  # integers sort as numbers
+    assert label_list(["pos", "neg", "neutral"]) == ["neg", "neutral", "pos"]
+    assert label_ids(["pos", "neg"], ["neg", "pos"]) == [1, 0]
+    with pytest.raises(ValueError, match=r"validation has labels \['maybe'\] that the training set does not have"):
+        label_ids(["maybe"], ["neg", "pos"], "validation")
+    assert label_config(["neg", "pos"]) == {"num_labels": 2, "id2label": {0: "neg", 1: "pos"},
+                                            "label2id": {"neg": 0, "pos": 1}}
+    path = tmp_path / "d.tsv"
+    path.write_text("sentence\tlabel\nfine film\t positive\nbad film\t0\n")
+    assert read_text_classification(path) == (["fine film", "bad film"], ["positive", 0])
+    path.write_text("sentence\tlabel\nfine film\t\n")
+    with pytest.raises(ValueError, match="row 2: the label is empty"):
+        read_text_classification(path)
