@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -21,13 +20,11 @@ from tests.test_export_onnx import peft_model  # noqa: E402
 _LEGACY_WARNING = "legacy TorchScript-based ONNX export"
 
 
-def _torch_deprecations(caught: list[warnings.WarningMessage]) -> list[str]:
-    """Deprecation-type warnings raised from torch's code or about torch.onnx."""
-    torch_dir = str(Path(torch.__file__).parent)
+def _deprecations(caught: list[warnings.WarningMessage]) -> list[str]:
+    """Every deprecation-type warning raised during an export (the model is built before recording starts, so
+    PEFT's and transformers' construction-time notices are not among them)."""
     kinds = (DeprecationWarning, FutureWarning, PendingDeprecationWarning)
-    return [f"{w.category.__name__}: {w.message} ({w.filename})" for w in caught if issubclass(w.category, kinds)
-            and (w.filename.startswith(torch_dir) or "torch.onnx" in str(w.message)
-                 or _LEGACY_WARNING in str(w.message))]
+    return [f"{w.category.__name__}: {w.message} ({w.filename})" for w in caught if issubclass(w.category, kinds)]
 
 
 def _signature(path: Path) -> list[tuple[str, list]]:
@@ -46,11 +43,11 @@ def test_default_exporter_emits_no_torch_deprecation_and_matches_the_legacy_sign
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         default = export(model, tmp_path / "default", validate=False)
-    assert _torch_deprecations(caught) == []
+    assert _deprecations(caught) == []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         legacy = export(model, tmp_path / "legacy", validate=False, exporter="torchscript")
-    assert any(_LEGACY_WARNING in line for line in _torch_deprecations(caught))
+    assert any(_LEGACY_WARNING in line for line in _deprecations(caught))
 
     assert _signature(default / "model.onnx") == _signature(legacy / "model.onnx")
     labels = dict(_signature(default / "model.onnx"))

@@ -90,6 +90,8 @@ def _export_dynamo(wrapper: nn.Module, args: Sequence[torch.Tensor], path: Path,
     with warnings.catch_warnings():
         # torch.export reports each guard it adds on a dynamic axis; parity across shapes is checked afterwards.
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.export|torch\._export")
+        # torch 2.13's own pytree code (copying a LeafSpec inside torch.export) trips its new deprecation; not ours.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`isinstance\(treespec, LeafSpec\)`")
         program = torch.onnx.export(
             wrapper, tuple(args), dynamo=True, opset_version=opset, input_names=list(input_names),
             output_names=list(output_names), dynamic_shapes=dynamic_shapes(wrapper.forward, input_names, dynamic_axes),
