@@ -1,11 +1,11 @@
 """Which torch exporter each export test runs with (``export(..., exporter=...)``).
 
-dynamo (the library default) takes about 12x as long as the legacy TorchScript exporter on the tiny test models
-(two-layer BERT, same process, alternating: 6.0 s vs 0.43 s on the loaded 2-core machine), and each CI lane runs
-the suite within a time budget. So:
+dynamo (opt-in; torchscript is the library default, see exporters/onnx/graph_export.py) takes about 12x as long
+as the legacy TorchScript exporter on the tiny test models (two-layer BERT, same process, alternating: 6.0 s vs
+0.43 s on the loaded 2-core machine), and each CI lane runs the suite within a time budget. So:
 
-- TorchScript, the fallback, keeps the whole matrix the suite ran before the dynamo path existed: it is cheap;
-- dynamo, the default, runs every architecture and every task (encoder tasks cycled over the encoders, each decoder
+- TorchScript, the default, keeps the whole matrix the suite ran before the dynamo path existed: it is cheap;
+- dynamo runs every architecture and every task (encoder tasks cycled over the encoders, each decoder
   with its cache, both encoder-decoder models) and each export feature (float16, fused attention, several adapters,
   swappable prefixes) on one or two representative models;
 - tests whose subject does not depend on the exporter (folder atomicity, bad input, CLI plumbing, the Trainer

@@ -1,4 +1,4 @@
-"""Exporter choice (``exporter="dynamo" | "torchscript"``): the default path is torch.export-based and warns nothing,
+"""Exporter choice (``exporter="dynamo" | "torchscript"``): the dynamo path is torch.export-based and warns nothing,
 the fallback is logged with its reason, and both write the same graph signature."""
 
 from __future__ import annotations
@@ -33,16 +33,14 @@ def _signature(path: Path) -> list[tuple[str, list]]:
             for v in (*graph.input, *graph.output)]
 
 
-def test_default_exporter_emits_no_torch_deprecation_and_matches_the_legacy_signature(tmp_path, monkeypatch):
-    """Decoder with a KV cache (the widest signature): the default export warns nothing from torch, while the
+def test_dynamo_exporter_emits_no_torch_deprecation_and_matches_the_legacy_signature(tmp_path):
+    """Decoder with a KV cache (the widest signature): the dynamo export warns nothing from torch, while the
     legacy one does (so the check can see the warning it guards against); inputs, outputs, axis labels and prefix
     initializers are the same in both graphs."""
-    assert DEFAULT_EXPORTER == "dynamo"
-    monkeypatch.setattr(graph_export, "DEFAULT_EXPORTER", DEFAULT_EXPORTER)  # the library's, not the suite's pick
     model = peft_model("llama")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        default = export(model, tmp_path / "default", validate=False)
+        default = export(model, tmp_path / "default", validate=False, exporter="dynamo")
     assert _deprecations(caught) == []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -63,8 +61,12 @@ def test_default_exporter_emits_no_torch_deprecation_and_matches_the_legacy_sign
     assert {k: meta[0][k] for k in same} == {k: meta[1][k] for k in same}
 
 
-def test_an_opset_below_18_falls_back_to_torchscript_with_the_reason(tmp_path, monkeypatch):
-    monkeypatch.setattr(graph_export, "DEFAULT_EXPORTER", DEFAULT_EXPORTER)
+def test_the_default_is_torchscript_until_dynamo_reaches_speed():
+    assert DEFAULT_EXPORTER == "torchscript"  # graph_export's docstring: dynamo's ORT graphs run 1.16x slower today
+
+
+def test_with_a_dynamo_default_an_opset_below_18_falls_back_to_torchscript_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(graph_export, "DEFAULT_EXPORTER", "dynamo")
     messages: list[str] = []
     assert resolve_exporter(None, None, messages.append) == ("dynamo", DYNAMO_MIN_OPSET)
     assert resolve_exporter(None, 17, messages.append) == ("torchscript", 17)

@@ -1,13 +1,16 @@
 """One traced module -> one ONNX file, through either of torch's exporters.
 
-``dynamo`` (default): ``torch.export`` captures the wrapper (non-strict, so the plugin's ContextVar, hooks and
+``dynamo``: ``torch.export`` captures the wrapper (non-strict, so the plugin's ContextVar, hooks and
 config views run as plain Python), and torch's ONNX translator writes the graph. Dynamic axes become
 ``torch.export.Dim.DYNAMIC`` per axis; torch.export then works out which axes are equal (every ``batch_size``) or
 derived (``past_sequence_length + sequence_length``), and the symbolic names it picks (``s0``, ``s0 + s1``) are
 renamed back to the layout's axis labels, so both exporters write the same graph signature.
 
-``torchscript``: the legacy tracer (``torch.onnx.export(..., dynamo=False)``), as optimum-onnx still uses. Torch
-deprecates it (it warns on every call); it stays as a fallback while torch ships it.
+``torchscript`` (default for now): the legacy tracer (``torch.onnx.export(..., dynamo=False)``), as optimum-onnx
+still uses. Torch deprecates it (it warns on every call). It stays the default until dynamo reaches speed: on
+all-MiniLM-L6-v2 the dynamo graph runs 1.16x slower in ONNX Runtime (batch 8 x 64, 1 thread, 60 alternating pairs;
+ORT's SkipLayerNormalization/BiasGelu fusions come out slower on it, 1.10x at opset 20) and exports take 3-12x as
+long. Parity is the same (graphs differ by <= 3.4e-8), so ``exporter="dynamo"`` is a supported choice today.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ logger = logging.getLogger(__name__)
 DYNAMO = "dynamo"
 TORCHSCRIPT = "torchscript"
 EXPORTERS = (DYNAMO, TORCHSCRIPT)
-DEFAULT_EXPORTER = DYNAMO
+DEFAULT_EXPORTER = TORCHSCRIPT  # see the module docstring: dynamo's ORT graphs are slower today
 # The dynamo translator writes opset >= 18; torch's down-conversion to 17 fails for LayerNorm/RMSNorm graphs.
 DYNAMO_MIN_OPSET = 18
 DEFAULT_OPSET = {DYNAMO: DYNAMO_MIN_OPSET, TORCHSCRIPT: L.DEFAULT_OPSET}
