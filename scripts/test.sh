@@ -14,7 +14,11 @@ run_lane() {  # lane, pytest arguments...
   venv=$(venv_of "$1")
   echo "=== pytest: lane $1 ($("$venv/bin/python" -c 'import torch, transformers, peft
 print(f"transformers {transformers.__version__}, peft {peft.__version__}, torch {torch.__version__}")'))"
-  "$venv/bin/python" -m pytest -q -p no:cacheprovider "${@:2}" || status=1
+  # The dynamo exporter's parametrized matrix costs minutes per lane (tests/exporter_matrix.py): it runs on the newest
+  # lane; the others run the torchscript (default) matrix plus tests/test_graph_export.py's explicit dynamo exports.
+  local exporters=${PTV2_TEST_EXPORTERS:-$([ "$1" = tf5 ] && echo dynamo,torchscript || echo torchscript)}
+  echo "=== exporters in the parametrized export tests: $exporters"
+  PTV2_TEST_EXPORTERS=$exporters "$venv/bin/python" -m pytest -q -p no:cacheprovider "${@:2}" || status=1
 }
 
 for lane in $LANES; do setup_lane "$lane"; done
