@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=None,
                         help="ONNX opset (default 17 with torchscript, 18 with the dynamo exporter).")
     parser.add_argument("--exporter", default=None, choices=["dynamo", "torchscript"],
-                        help="torchscript (default): torch's deprecated legacy tracer, whose graphs still run faster "
-                        "in ONNX Runtime. dynamo: torch.export-based, no deprecation warning, opset >= 18; same graph "
-                        "names and parity.")
+                        help="dynamo (default): torch.export-based, opset 20 unless --opset says otherwise (>= 18). "
+                        "torchscript: torch's deprecated legacy tracer, the fallback (also used for --opset < 18); "
+                        "same graph names and parity.")
     parser.add_argument("--device", default="cpu", help="Device to trace on: cpu or cuda (float16 wants cuda).")
     parser.add_argument("--no-past", dest="with_past", action="store_false", default=None,
                         help="Decoders: export without KV-cache inputs/outputs (encoder-decoders: no "

@@ -14,11 +14,15 @@ run_lane() {  # lane, pytest arguments...
   venv=$(venv_of "$1")
   echo "=== pytest: lane $1 ($("$venv/bin/python" -c 'import torch, transformers, peft
 print(f"transformers {transformers.__version__}, peft {peft.__version__}, torch {torch.__version__}")'))"
-  # The dynamo exporter's parametrized matrix costs minutes per lane (tests/exporter_matrix.py): it runs on the newest
-  # lane; the others run the torchscript (default) matrix plus tests/test_graph_export.py's explicit dynamo exports.
-  local exporters=${PTV2_TEST_EXPORTERS:-$([ "$1" = tf5 ] && echo dynamo,torchscript || echo torchscript)}
-  echo "=== exporters in the parametrized export tests: $exporters"
-  PTV2_TEST_EXPORTERS=$exporters "$venv/bin/python" -m pytest -q -p no:cacheprovider "${@:2}" || status=1
+  # Both exporters' parametrized matrices run on every lane (tests/exporter_matrix.py); PTV2_TEST_EXPORTERS narrows
+  # them. pytest-xdist spreads the tests over PTV2_TEST_WORKERS processes (default 2, CI's core count; 1 or 0 runs
+  # them in this process): export tests are single-threaded Python for most of their time.
+  local exporters=${PTV2_TEST_EXPORTERS:-dynamo,torchscript} workers=${PTV2_TEST_WORKERS:-2}
+  echo "=== exporters in the parametrized export tests: $exporters; workers: $workers"
+  local parallel=()
+  [ "$workers" -gt 1 ] && parallel=(-n "$workers")
+  PTV2_TEST_EXPORTERS=$exporters "$venv/bin/python" -m pytest -q -p no:cacheprovider "${parallel[@]}" "${@:2}" \
+    || status=1
 }
 
 for lane in $LANES; do setup_lane "$lane"; done

@@ -28,6 +28,8 @@ def _seed():
 @pytest.fixture(autouse=True)
 def _exporter(request, monkeypatch):
     """The exporter ``export()`` uses when a test names none: the test's ``exporter`` parameter if it has one,
-    else ``tests.exporter_matrix.UNNAMED`` (see there why)."""
+    else ``tests.exporter_matrix.UNNAMED`` (see there why); tests marked ``library_default`` keep the library's."""
+    if request.node.get_closest_marker("library_default"):
+        return
     params = getattr(getattr(request.node, "callspec", None), "params", {})
     monkeypatch.setattr(graph_export, "DEFAULT_EXPORTER", params.get("exporter", UNNAMED))

@@ -4,6 +4,7 @@ the fallback is logged with its reason, and both write the same graph signature.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -14,7 +15,7 @@ pytest.importorskip("onnxruntime")
 
 from exporters.cli import build_parser  # noqa: E402
 from exporters.onnx import export, graph_export  # noqa: E402
-from exporters.onnx.graph_export import DEFAULT_EXPORTER, DYNAMO_MIN_OPSET, resolve_exporter  # noqa: E402
+from exporters.onnx.graph_export import DEFAULT_EXPORTER, DYNAMO_DEFAULT_OPSET, resolve_exporter  # noqa: E402
 from tests.test_export_onnx import peft_model  # noqa: E402
 
 _LEGACY_WARNING = "legacy TorchScript-based ONNX export"
@@ -33,15 +34,17 @@ def _signature(path: Path) -> list[tuple[str, list]]:
             for v in (*graph.input, *graph.output)]
 
 
-def test_dynamo_exporter_emits_no_torch_deprecation_and_matches_the_legacy_signature(tmp_path):
-    """Decoder with a KV cache (the widest signature): the dynamo export warns nothing from torch, while the
-    legacy one does (so the check can see the warning it guards against); inputs, outputs, axis labels and prefix
-    initializers are the same in both graphs."""
+@pytest.mark.library_default
+def test_the_default_export_is_dynamo_warns_nothing_and_matches_the_legacy_signature(tmp_path, caplog):
+    """Decoder with a KV cache (the widest signature): the default export (no ``exporter`` named) goes through
+    dynamo, validates, and neither warns nor logs a warning from torch, while the legacy one warns (so the check can
+    see the warning it guards against); inputs, outputs, axis labels and prefix initializers are the same in both."""
     model = peft_model("llama")
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
         warnings.simplefilter("always")
-        default = export(model, tmp_path / "default", validate=False, exporter="dynamo")
+        default = export(model, tmp_path / "default")
     assert _deprecations(caught) == []
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("torch")] == []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         legacy = export(model, tmp_path / "legacy", validate=False, exporter="torchscript")
@@ -55,20 +58,21 @@ def test_dynamo_exporter_emits_no_torch_deprecation_and_matches_the_legacy_signa
                      if t.name.startswith("ptv2.")) for folder in (default, legacy)]
     assert prefix[0] == prefix[1] == [f"ptv2.prefix.{s}.{k}" for s in range(2) for k in ("key", "value")]
     meta = [json.loads((folder / "ptv2_export.json").read_text()) for folder in (default, legacy)]
-    assert (meta[0]["exporter"], meta[0]["opset"]) == ("dynamo", DYNAMO_MIN_OPSET)
+    assert (meta[0]["exporter"], meta[0]["opset"]) == ("dynamo", DYNAMO_DEFAULT_OPSET)
     assert (meta[1]["exporter"], meta[1]["opset"]) == ("torchscript", 17)
-    same = {k for k in meta[0] if k not in ("exporter", "opset", "written_files")}
+    assert meta[0]["parity"]["max_abs_diff"] < meta[0]["parity"]["atol"]  # the default export validated
+    same = {k for k in meta[0] if k not in ("exporter", "opset", "written_files", "parity")}
     assert {k: meta[0][k] for k in same} == {k: meta[1][k] for k in same}
 
 
-def test_the_default_is_torchscript_until_dynamo_reaches_speed():
-    assert DEFAULT_EXPORTER == "torchscript"  # graph_export's docstring: dynamo's ORT graphs run 1.16x slower today
+def test_the_default_is_dynamo_at_opset_20():
+    assert (DEFAULT_EXPORTER, DYNAMO_DEFAULT_OPSET) == ("dynamo", 20)  # graph_export's docstring says why
 
 
 def test_with_a_dynamo_default_an_opset_below_18_falls_back_to_torchscript_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(graph_export, "DEFAULT_EXPORTER", "dynamo")
     messages: list[str] = []
-    assert resolve_exporter(None, None, messages.append) == ("dynamo", DYNAMO_MIN_OPSET)
+    assert resolve_exporter(None, None, messages.append) == ("dynamo", DYNAMO_DEFAULT_OPSET)
     assert resolve_exporter(None, 17, messages.append) == ("torchscript", 17)
     assert len(messages) == 1 and "Exporter: torchscript (fallback): opset 17 was requested" in messages[0]
     assert resolve_exporter("torchscript", None, messages.append) == ("torchscript", 17)

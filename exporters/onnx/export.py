@@ -101,9 +101,9 @@ def export(
     share the graph: their files are padded to it (``export_prefix_adapter(..., prefix_capacity=...)``) and a
     ``ptv2.prefix.length`` input masks the padding (attention then runs as plain ops, not the fused kernel).
 
-    ``exporter``: ``"torchscript"`` (default: torch's deprecated legacy tracer, whose graphs still run faster in ONNX
-    Runtime) or ``"dynamo"`` (``torch.export``-based, no deprecation warning); both write the same graph names,
-    initializers and metadata (``graph_export.py`` says why the default is what it is).
+    ``exporter``: ``"dynamo"`` (default: ``torch.export``-based, opset 20, no deprecation warning) or
+    ``"torchscript"`` (torch's deprecated legacy tracer, the fallback; also chosen, with a logged reason, when
+    ``opset`` < 18); both write the same graph names, initializers and metadata (``graph_export.py``).
 
     ``quantize="int8"``: every graph is dynamically quantized after export (``quantize.py``: int8 weight MatMuls,
     prefix and heads float32). Validation then compares predictions instead of a float tolerance: it fails when the

@@ -25,6 +25,19 @@ INSTALL_HINT = ("install exactly one onnxruntime wheel: pip uninstall -y onnxrun
                 "pip install \"ptv2-plugin[gpu]\" for CUDA (or \"ptv2-plugin[onnx]\" for CPU)")
 
 
+# Graph rewrites ONNX Runtime should skip per provider. On CPU, ORT's SkipLayerNormalization and
+# SkipSimplifiedLayerNormalization kernels run slower than the Add + (RMS)LayerNormalization they replace (ORT 1.32,
+# float32: 3-6x for LayerNorm at hidden 384-2048, up to 2.4x for RMSNorm; `python -m benchmarks.ort_fusions`), and
+# the fusion fires on graphs with full shape information, i.e. every dynamo export: all-MiniLM-L6-v2 served 1.13x
+# slower with it at batch 32 x 64. CUDA keeps the fusion (there the fused kernel is the fast one).
+DISABLED_OPTIMIZERS: dict[str, tuple[str, ...]] = {CPU: ("SkipLayerNormFusion",)}
+
+
+def disabled_optimizers(provider: str) -> list[str]:
+    """The ORT graph rewrites to skip on ``provider`` (``InferenceSession(..., disabled_optimizers=...)``)."""
+    return list(DISABLED_OPTIMIZERS.get(provider, ()))
+
+
 def cuda_provider_options(*, tf32: bool = False, device_id: int = 0) -> dict[str, str]:
     """CUDA provider options for exact float32: ORT enables TF32 MatMuls by default, and their rounding alone can move
     float32 outputs past a float32 parity tolerance. Serving may opt in with ``tf32=True`` for speed."""

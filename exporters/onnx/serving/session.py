@@ -19,7 +19,7 @@ import torch
 from transformers import AutoConfig
 
 from .. import layout as L
-from ..providers import CPU, CUDA, missing_provider_message, warn_on_wheel_clash
+from ..providers import CPU, CUDA, disabled_optimizers, missing_provider_message, warn_on_wheel_clash
 from .prefix_adapters import PrefixAdapter, read_prefix_adapter
 
 warn_on_wheel_clash()  # two onnxruntime wheels in one folder: say so at import, before CUDA silently goes missing
@@ -29,15 +29,18 @@ ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "ten
 
 
 def create_session(path: str | Path, provider: str = CPU, *, session_options=None,
-                   provider_options: Mapping[str, Any] | None = None):
+                   provider_options: Mapping[str, Any] | None = None, skip_optimizers: Sequence[str] | None = None):
     """An InferenceSession that really runs on ``provider``: ORT's silent fallback to CPU is turned into an error
-    that says which onnxruntime is active and how to fix it."""
+    that says which onnxruntime is active and how to fix it. ``skip_optimizers`` names ORT graph rewrites to skip;
+    by default those that slow ``provider`` down (``providers.DISABLED_OPTIMIZERS``)."""
     if provider not in ort.get_available_providers():
         raise RuntimeError(missing_provider_message(provider, ort))
     providers: list = [(provider, dict(provider_options or {}))]
     if provider != CPU:
         providers.append(CPU)  # for the few ops a GPU provider leaves to the CPU
-    session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
+    skip = disabled_optimizers(provider) if skip_optimizers is None else list(skip_optimizers)
+    session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers,
+                                   disabled_optimizers=skip)
     if provider not in session.get_providers():
         raise RuntimeError(
             f"ONNX Runtime could not start {provider} (available: {ort.get_available_providers()}, session uses "
