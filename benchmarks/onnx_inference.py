@@ -7,14 +7,17 @@ Encoder: all-MiniLM-L6-v2 (SEQ_CLS) with a P-Tuning v2 adapter trained for one s
 (``--train-size`` examples, the quality benchmark's recipe), so the int8 accuracy means something. Graphs (in a
 temporary ``--work-dir``, never in results/):
 
-- ``base/sdpa``, ``base/eager``: the base classifier traced (TorchScript exporter, as ours), SDPA and eager
+- ``base/sdpa``, ``base/eager``: the base classifier traced (TorchScript exporter), SDPA and eager
   attention; ``base/sdpa+opt``, ``base/eager+opt``: those through ORT's transformer optimizer
   (``optimize_model(model_type="bert")``). The best base graph is the fastest of these four at each shape.
-- ``ptv2``: ``export(model)``, the DEFAULT export (``fused_attention="auto"``: one
+- ``ptv2``: ``export(model)``, the DEFAULT export (dynamo exporter, opset 20, ``fused_attention="auto"``: one
   ``com.microsoft.MultiHeadAttention`` per prefixed layer), as a user gets it, no optimizer on top.
 - ``ptv2-plain``: ``export(model, fused_attention=False)``, the A/B partner (plain ONNX attention ops).
 - ``ptv2-int8``: ``export(model, quantize="int8")`` (dynamic int8 weight MatMuls, prefix float32).
 - ``torch:ptv2``: the same adapter in PyTorch eager float32 (``torch.inference_mode``).
+
+Every ORT session, ours and the base's, skips what the runtime classes skip on CPU (``SkipLayerNormFusion``,
+``exporters/onnx/providers.py``).
 
 At each shape all candidates run round-robin; a ratio is the geometric mean of per-round median ratios with a
 percentile-bootstrap 95% interval (``benchmarks/stats.py``), and rounds are added until every targeted ratio's
@@ -53,6 +56,7 @@ from exporters.onnx import ORTModelForCausalLM, export
 from exporters.onnx import layout as L
 from exporters.onnx.caches import flatten_cache
 from exporters.onnx.model_patcher import traceable_masks
+from exporters.onnx.providers import CPU, disabled_optimizers
 from exporters.onnx.sample_inputs import sample_inputs
 from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 
@@ -160,8 +164,9 @@ def session_options(threads: int, profile_prefix: str | None = None):
 
 def session(path: Path, threads: int, profile_prefix: str | None = None):
 
+    # every graph, ours and the base model's, with the rewrites the runtime classes skip on CPU skipped
     return ort.InferenceSession(str(path), sess_options=session_options(threads, profile_prefix),
-                                providers=["CPUExecutionProvider"])
+                                providers=[CPU], disabled_optimizers=disabled_optimizers(CPU))
 
 
 def feed_for(sess, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -211,7 +211,7 @@ def test_metadata_and_folder_contents(exported, exporter):
     assert metadata["adapters"] == ["default"] and metadata["num_virtual_tokens"] == N
     assert metadata["task"] == "CAUSAL_LM" and metadata["with_past"] is True
     assert metadata["optimum_task"] == "text-generation-with-past"
-    assert (metadata["exporter"], metadata["opset"]) == (exporter, 18 if exporter == DYNAMO else 17)
+    assert (metadata["exporter"], metadata["opset"]) == (exporter, 20 if exporter == DYNAMO else 17)
     assert {"torch", "transformers", "peft", "onnx", "onnxruntime", "ptv2_plugin"} <= set(metadata["versions"])
     parity = metadata["parity"]
     assert parity["ok"] is True and (parity["atol"], parity["rtol"]) == (1e-5, 1e-4)

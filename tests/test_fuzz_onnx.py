@@ -6,8 +6,10 @@ is ``PTV2_FUZZ_EXAMPLES=1000 python -m pytest tests/test_fuzz_onnx.py`` (see REA
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -22,6 +24,7 @@ from tests.tiny_models import ARCHITECTURES, DECODERS, VOCAB, default_task, tiny
 
 EXAMPLES = int(os.environ.get("PTV2_FUZZ_EXAMPLES", "12"))
 WORKDIR = tempfile.mkdtemp(prefix="ptv2-fuzz-onnx-")
+atexit.register(shutil.rmtree, WORKDIR, ignore_errors=True)  # the cached exports live until the process ends
 
 
 @functools.cache

@@ -29,7 +29,7 @@ INSTALL_HINT = ("install exactly one onnxruntime wheel: pip uninstall -y onnxrun
 # slower than the Add + LayerNormalization it replaces (ORT 1.32, float32, hidden 384-2048, batch 1 x 16 and 32 x 64,
 # 2 threads; `python -m benchmarks.ort_fusions`, benchmarks/results/ort_fusions); its RMSNorm variant 1.05-1.33x
 # slower but for one case (hidden 2048 at 32 x 64: 0.80x). The fusion fires on graphs whose shapes are annotated
-# (ORT's quantizer annotates them: every torchscript int8 graph). CUDA keeps it (there the fused kernel is the fast one).
+# (ORT's quantizer annotates them: every torchscript int8 graph). CUDA keeps it (the fused kernel is fast there).
 DISABLED_OPTIMIZERS: dict[str, tuple[str, ...]] = {CPU: ("SkipLayerNormFusion",)}
 
 
