@@ -14,6 +14,7 @@ temporary ``--work-dir``, never in results/):
   ``com.microsoft.MultiHeadAttention`` per prefixed layer), as a user gets it, no optimizer on top.
 - ``ptv2-plain``: ``export(model, fused_attention=False)``, the A/B partner (plain ONNX attention ops).
 - ``ptv2-int8``: ``export(model, quantize="int8")`` (dynamic int8 weight MatMuls, prefix float32).
+- ``ptv2-torchscript``: ``export(model, exporter="torchscript")``, the A/B partner of the exporter choice.
 - ``torch:ptv2``: the same adapter in PyTorch eager float32 (``torch.inference_mode``).
 
 Every ORT session, ours and the base's, skips what the runtime classes skip on CPU (``SkipLayerNormFusion``,
@@ -63,6 +64,7 @@ from ptv2_plugin.transformers_compat import cache_from_output, cache_kwargs
 SHAPES = [(1, 16), (1, 128), (32, 64)]
 DEFAULT = "ptv2"  # our default export (fused attention where it applies)
 PLAIN, INT8, EAGER = "ptv2-plain", "ptv2-int8", "torch:ptv2"
+LEGACY = "ptv2-torchscript"  # the same export through the fallback exporter (A/B of the exporter choice)
 BASE_GRAPHS = ("base/sdpa", "base/sdpa+opt", "base/eager", "base/eager+opt")
 VS_BASE_TARGET = 1.05
 INT8_TARGET, INT8_SHAPES = 2.0, [(1, 128), (32, 64)]
@@ -310,8 +312,10 @@ def encoder_graphs(model, backbone: common.Backbone, work: Path) -> tuple[dict[s
     paths[PLAIN] = export(model, work / "ptv2-plain", task="SEQ_CLS", force=True, fused_attention=False) \
         / "model.onnx"
     paths[INT8] = export(model, work / "ptv2-int8", task="SEQ_CLS", force=True, quantize="int8") / "model.onnx"
+    paths[LEGACY] = export(model, work / "ptv2-torchscript", task="SEQ_CLS", force=True, exporter="torchscript") \
+        / "model.onnx"
 
-    for name in (DEFAULT, PLAIN, INT8):
+    for name in (DEFAULT, PLAIN, INT8, LEGACY):
         fusions[name] = op_counts(onnx.load(str(paths[name]), load_external_data=False).graph)
         models[name] = model
     return paths, fusions, models
@@ -335,6 +339,7 @@ def encoder_rows(model, backbone, paths: dict[str, Path], shapes, threads: int, 
         ratios = {
             "default_vs_best_base": Ratio(f"ort:{DEFAULT}", tuple(f"ort:{g}" for g in BASE_GRAPHS), VS_BASE_TARGET),
             "fused_vs_plain": Ratio(f"ort:{DEFAULT}", f"ort:{PLAIN}"),
+            "dynamo_vs_torchscript": Ratio(f"ort:{DEFAULT}", f"ort:{LEGACY}"),
             "plain_vs_best_base": Ratio(f"ort:{PLAIN}", tuple(f"ort:{g}" for g in BASE_GRAPHS)),
             "int8_vs_default": Ratio(f"ort:{INT8}", f"ort:{DEFAULT}"),
             "eager_vs_int8": Ratio(EAGER, f"ort:{INT8}", INT8_TARGET if (batch, seq) in INT8_SHAPES else None,
@@ -442,6 +447,7 @@ RATIO_LABELS = {
     "default_vs_best_base": "default export / best base graph",
     "plain_vs_best_base": "plain export / best base graph",
     "fused_vs_plain": "A/B: fused (default) / plain",
+    "dynamo_vs_torchscript": "A/B: dynamo exporter (default) / torchscript",
     "int8_vs_default": "int8 / default float32",
     "eager_vs_int8": "PyTorch eager / int8 (speed-up)",
     "eager_vs_default": "PyTorch eager / default (speed-up)",
