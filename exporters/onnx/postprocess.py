@@ -1,5 +1,6 @@
-"""After tracing: turn a traced graph's prefix inputs into initializers holding exactly the exported prefix, convert
-to float16 where asked, move weights to a side file above protobuf's size cap, and check the result."""
+"""After tracing: turn a traced graph's prefix inputs into initializers holding exactly the exported prefix, merge
+projections that share an input into one GEMM, convert to float16 where asked, move weights to a side file above
+protobuf's size cap, and check the result."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from onnx import numpy_helper
 
 from .float16 import convert_to_float16
 from .fused_attention import count_fused
+from .merge_projections import merge_shared_input_projections
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a serialized graph at 2 GB: weights go to a side file above this
 
@@ -31,6 +33,7 @@ def finalize_graph(traced: Path, path: Path, initializers: dict[str, torch.Tenso
     proto.graph.input.extend(kept)
     for name, tensor in initializers.items():
         proto.graph.initializer.append(numpy_helper.from_array(tensor.cpu().numpy(), name))
+    merge_shared_input_projections(proto)  # one GEMM per shared input (merge_projections.py says why)
     external = sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
     if dtype == torch.float16:
         proto = convert_to_float16(proto, external_path=traced.with_name("float32-" + path.name) if external else None)
