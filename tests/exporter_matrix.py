@@ -7,7 +7,8 @@ within a time budget (scripts/test.sh runs both matrices on every lane, over two
 - TorchScript, the fallback, keeps the whole matrix the suite ran before the dynamo path existed: it is cheap;
 - dynamo runs every architecture and every task (encoder tasks cycled over the encoders, each decoder
   with its cache, both encoder-decoder models) and each export feature (float16, fused attention, several adapters,
-  swappable prefixes, int8) on one or two representative models;
+  swappable prefixes) on one or two representative models; int8 of a dynamo graph runs in tests/test_main_job.py,
+  whose subprocess exports with the library default;
 - tests whose subject does not depend on the exporter (folder atomicity, bad input, CLI plumbing, the Trainer
   callback, fuzzing) call ``export()`` without naming one and run with ``UNNAMED``;
 - a test marked ``library_default`` gets the library's own default (tests/test_graph_export.py checks it is dynamo

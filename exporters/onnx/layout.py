@@ -20,6 +20,7 @@ DECODER_WITH_PAST_FILE_NAME = "decoder_with_past_model.onnx"
 METADATA_FILE_NAME = "ptv2_export.json"
 # Written into an export folder by ExportOnnxCallback when real evaluation batches disagree with PyTorch.
 VALIDATION_REPORT_FILE_NAME = "ptv2_validation_report.json"
+OWNED_PREFIX = "ptv2."  # every initializer the exporter owns (prefix keys/values, swappable heads) starts so
 PREFIX_INITIALIZER = "ptv2.prefix.{slot}.{kind}"  # kind: key | value; shape (kv_heads, n, head_dim), or stacked
 ADAPTER_IDS_INPUT = "adapter_ids"
 # prefix_as="adapter_inputs": the adapter's task head (PEFT's modules_to_save) is swappable too, one tensor per

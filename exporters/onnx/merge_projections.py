@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-PROTECTED_PREFIX = "ptv2."
+from .layout import OWNED_PREFIX
+
 MIN_OPSET = 13  # Split takes its sizes as an input from opset 13
 
 
@@ -47,7 +48,7 @@ def merge_shared_input_projections(model: onnx.ModelProto) -> int:
     def weight_of(node: onnx.NodeProto):
         name = node.input[1]
         tensor = weights.get(name)
-        if tensor is None or name in inputs or name.startswith(PROTECTED_PREFIX) or len(tensor.dims) != 2:
+        if tensor is None or name in inputs or name.startswith(OWNED_PREFIX) or len(tensor.dims) != 2:
             return None
         return tensor
 

@@ -39,6 +39,7 @@ import onnx
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from . import layout as L
 from .float16 import _name_nodes
 from .layout import build_layout
 from .providers import CPU
@@ -54,7 +55,6 @@ OP_TYPES = ("MatMul", "Attention")
 # Ops that only a quantized graph holds (before ORT's session-time fusions).
 QUANTIZED_OPS = ("DynamicQuantizeLinear", "MatMulInteger", "QAttention", "DynamicQuantizeMatMul",
                  "MatMulIntegerToFloat")
-PROTECTED_PREFIX = "ptv2."  # initializers the exporter owns (prefix keys/values, swappable heads): never quantized
 DEFAULT_MIN_AGREEMENT = 0.95
 MIN_COSINE = 0.99  # feature extraction: every hidden-state vector at least this close to PyTorch's in direction
 AGREEMENT_ROWS = (64, 16)  # one wider encoder batch, so the agreement rate rests on more than a handful of rows
@@ -94,7 +94,7 @@ def check_min_agreement(value: float | None, quantization: str | None) -> float:
 # ------------------------------------------------------------------------------------------------ quantizing
 def protected_nodes(graph) -> list[str]:
     """Nodes that read a ``ptv2.*`` initializer (named, so the quantizer can exclude them)."""
-    owned = {t.name for t in graph.initializer if t.name.startswith(PROTECTED_PREFIX)}
+    owned = {t.name for t in graph.initializer if t.name.startswith(L.OWNED_PREFIX)}
     return [node.name for node in graph.node if owned.intersection(node.input)]
 
 

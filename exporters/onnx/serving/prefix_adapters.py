@@ -42,7 +42,7 @@ class PrefixAdapter:
 def swappable_inputs(session) -> dict[str, tuple[tuple, str]]:
     """Name -> (shape, dtype) of the graph's swappable prefix/head inputs (its overridable ``ptv2.*`` initializers)."""
     return {i.name: (tuple(i.shape), _ORT_TYPES.get(i.type, i.type))
-            for i in session.get_overridable_initializers() if i.name.startswith("ptv2.")}
+            for i in session.get_overridable_initializers() if i.name.startswith(L.OWNED_PREFIX)}
 
 
 def read_prefix_adapter(path: str | Path, name: str | None, session, metadata: dict, device: str = "cpu",
