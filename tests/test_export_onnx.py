@@ -202,6 +202,41 @@ def test_prefix_is_constant_initializers_and_mlp_is_absent(exported, arch, expor
     assert len(model.base_model.prefix_encoder().embedding.weight) == N
 
 
+def _ops_fed_by(graph, name: str, through: tuple[str, ...]) -> set[str]:
+    """Op types that read ``name``, following it through the ops in ``through`` (data movement that keeps its
+    values: casts, head repetition, transposes)."""
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for tensor in node.input:
+            readers.setdefault(tensor, []).append(node)
+    found, todo, seen = set(), [name], set()
+    while todo:
+        tensor = todo.pop()
+        for node in readers.get(tensor, []):
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            found.add(node.op_type)
+            if node.op_type in through:
+                todo.extend(node.output)
+    return found
+
+
+@pytest.mark.parametrize("arch,exporter", over_exporters(DECODERS))
+def test_decoder_graphs_never_concatenate_the_prefix_onto_the_cache(exported, arch, exporter):
+    """Split-softmax attention (exporters/onnx/split_attention.py): every layer's prefix keys and values go straight
+    into attention's MatMuls; none is concatenated in front of past + new keys, which would copy the whole cache once
+    more per layer and decoding step."""
+    model, folder = exported(arch, exporter=exporter)
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    moves = ("Cast", "Unsqueeze", "Expand", "Reshape", "Transpose", "Identity", "Squeeze")
+    prefix = [t.name for t in graph.initializer if t.name.startswith("ptv2.prefix.")]
+    assert len(prefix) == 2 * model.config.num_hidden_layers
+    for name in prefix:
+        reached = _ops_fed_by(graph, name, moves)
+        assert "MatMul" in reached and "Concat" not in reached, (name, sorted(reached))
+
+
 @pytest.mark.parametrize("exporter", only(DYNAMO, TORCHSCRIPT))
 def test_metadata_and_folder_contents(exported, exporter):
     model, folder = exported("llama", exporter=exporter)

@@ -7,7 +7,8 @@ through the seam the plugin offers for it: each ``PTuningV2Layer.prefix_source``
 tensors the traced module receives as extra graph inputs (a ``PrefixFeed``). Those inputs are turned into
 initializers afterwards (``postprocess.py``), which keeps their names stable (constant folding cannot rename or fuse
 an input) and keeps the MLP out of the graph. The other patches: eval mode and no grad, broadcast masks for
-transformers 4.5x, per-row or fed task heads (PEFT's ``modules_to_save``), and fused prefix attention.
+transformers 4.5x, per-row or fed task heads (PEFT's ``modules_to_save``), fused prefix attention for encoders and
+split-softmax prefix attention for the other SDPA calls (decoders: no copy of the KV cache per layer and step).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ptv2_plugin.attention import ActivePrefix
 from . import layout as L
 from .adapter_tensors import head_module, head_wrappers
 from .fused_attention import FusedTrace, fused_prefix_attention
+from .split_attention import split_prefix_attention
 
 
 class ModelPatcher:
@@ -60,6 +62,7 @@ class ModelPatcher:
                 stack.enter_context(_heads_per_row(self.model, self.adapters, self.feed))
             if self.head_inputs:
                 stack.enter_context(_heads_as_inputs(self.model, self.adapters[0], self.feed))
+            stack.enter_context(split_prefix_attention())  # under the fused op: it takes what fusion skips
             self.fused_trace = stack.enter_context(fused_prefix_attention(bool(self.fused), self.model))
             self._stack = stack.pop_all()
         return self
