@@ -468,9 +468,6 @@ def report(result: dict, meta: dict) -> str:
                                x["denominator"] if key.endswith("best_base") else "", target, x["verdict"] or ""])
     acc = enc["sst2_dev"]
     dec = result["decoder"]
-    dec_rows = [[row["batch"], f"{row['tokens_per_s']['ort:ptv2']:.1f}", f"{row['tokens_per_s']['ort:base']:.1f}",
-                 _fmt(row["ratios"]["tokens_per_s_vs_base"]), row["rounds"], f">= {DECODER_TARGET}",
-                 row["ratios"]["tokens_per_s_vs_base"]["verdict"]] for row in dec["rows"]]
     lines = [
         "# Inference in ONNX Runtime (CPU)",
         "",
@@ -510,15 +507,7 @@ def report(result: dict, meta: dict) -> str:
         f"|logit diff| {acc['int8_float32_max_abs_logit_diff']:.3g}; float32 ORT vs PyTorch max |logit diff| "
         f"{acc['float32_torch_max_abs_logit_diff']:.2g}.",
         "",
-        "## Decoder generation",
-        "",
-        f"{dec['model']}; greedy, prompt {dec['prompt']} tokens, {dec['new_tokens']} new tokens per row (no early "
-        "stop), both graphs through `ORTModelForCausalLM.generate`. Base graph: the base model traced with the same "
-        f"cache layout (max |ORT - PyTorch| logits {dec['base_graph_parity_max_abs_diff']:.2g}).",
-        "",
-        common.markdown_table(["batch", "ours tokens/s", "base tokens/s", "ours / base [95% CI]", "rounds", "target",
-                               "verdict"], dec_rows),
-        "",
+        *decoder_section(dec),
         "## Graphs",
         "",
         f"Op counts: {enc['op_counts']}  ",
@@ -529,10 +518,36 @@ def report(result: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def decoder_section(dec: dict) -> list[str]:
+    dec_rows = [[row["batch"], f"{row['tokens_per_s']['ort:ptv2']:.1f}", f"{row['tokens_per_s']['ort:base']:.1f}",
+                 _fmt(row["ratios"]["tokens_per_s_vs_base"]), row["rounds"], f">= {DECODER_TARGET}",
+                 row["ratios"]["tokens_per_s_vs_base"]["verdict"]] for row in dec["rows"]]
+    return [
+        "## Decoder generation",
+        "",
+        f"{dec['model']}; greedy, prompt {dec['prompt']} tokens, {dec['new_tokens']} new tokens per row (no early "
+        "stop), both graphs through `ORTModelForCausalLM.generate`. Base graph: the base model traced with the same "
+        f"cache layout (max |ORT - PyTorch| logits {dec['base_graph_parity_max_abs_diff']:.2g}).",
+        "",
+        common.markdown_table(["batch", "ours tokens/s", "base tokens/s", "ours / base [95% CI]", "rounds", "target",
+                               "verdict"], dec_rows),
+        "",
+    ]
+
+
+def decoder_report(result: dict, meta: dict) -> str:
+    """The report of a ``--decoder-only`` run."""
+    lines = ["# Decoder generation in ONNX Runtime (CPU)", "", f"Command: `{meta['command']}`  ",
+             f"n={meta['n']}, {meta['threads']} intra-op threads, {meta['machine']['cpu_count']} CPUs, load before "
+             f"the run: `{meta['load_before']}`, after: `{meta['load_after']}`.  ", *common.environment_lines(
+                 meta["machine"]), "", *decoder_section(result["decoder"]), *_why_missed(result)]
+    return "\n".join(lines) + "\n"
+
+
 def _why_missed(result: dict) -> list[str]:
     """For every missed or unresolved target: the node-type profile of the graphs compared."""
     lines = []
-    for r in result["encoder"]["shapes"]:
+    for r in result.get("encoder", {}).get("shapes", []):
         for key, x in r["ratios"].items():
             if x["verdict"] not in (stats.MISSED, stats.INCONCLUSIVE):
                 continue
@@ -573,8 +588,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--adapter", default=None,
                         help="A folder this script saved (<work-dir>/adapter, with training.json): reuse its adapter "
                         "instead of training one.")
+    parser.add_argument("--decoder-only", action="store_true",
+                        help="Only the decoder generation rows (report in results/onnx_inference_decoder).")
     args = parser.parse_args(argv)
-    out = common.setup(args, "onnx_inference")
+    out = common.setup(args, "onnx_inference_decoder" if args.decoder_only else "onnx_inference")
     load_before = _load()
     shapes, make_decoder, new_tokens = SHAPES, small_decoder, NEW_TOKENS
     if args.smoke:
@@ -585,9 +602,21 @@ def main(argv=None) -> dict:
 
         def make_decoder():
             return tiny_model("llama", "CAUSAL_LM")
-    else:
+    elif not args.decoder_only:
         backbone = common.minilm_backbone()
         data = common.load_sst2(args.data, train_size=args.train_size)
+    command = "python -m benchmarks.onnx_inference " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.decoder_only:
+        with tempfile.TemporaryDirectory(prefix="ptv2-onnx-bench-") as tmp:
+            work = Path(args.work_dir) if args.work_dir else Path(tmp)
+            decoder = decoder_rows(make_decoder, args.n, args.threads, args.max_seconds, args.min_rounds, work,
+                                   new_tokens)
+        meta = {"command": command, "n": args.n, "threads": args.threads, "max_seconds": args.max_seconds,
+                "machine": common.machine("onnxruntime"), "load_before": load_before, "load_after": _load()}
+        common.write_json(out / "results.json", {"meta": meta, "decoder": decoder})
+        common.write_atomic(out / "report.md", decoder_report({"decoder": decoder}, meta))
+        print(f"wrote {out / 'report.md'}")
+        return {"decoder": decoder}
     with tempfile.TemporaryDirectory(prefix="ptv2-onnx-bench-") as tmp:
         work = Path(args.work_dir) if args.work_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -611,8 +640,8 @@ def main(argv=None) -> dict:
     result = {"encoder": {"training": training, "sst2_dev": accuracy, "op_counts": op_counts_,
                           "parity_max_abs_diff": parity, "shapes": rows},
               "decoder": decoder}
-    meta = {"command": "python -m benchmarks.onnx_inference " + " ".join(sys.argv[1:] if argv is None else argv),
-            "backbone": backbone.name, "n": args.n, "threads": args.threads, "max_seconds": args.max_seconds,
+    meta = {"command": command, "backbone": backbone.name, "n": args.n, "threads": args.threads,
+            "max_seconds": args.max_seconds,
             "machine": common.machine("onnxruntime"), "load_before": load_before, "load_after": _load()}
     common.write_json(out / "results.json", {"meta": meta, **result})
     common.write_atomic(out / "report.md", report(result, meta))

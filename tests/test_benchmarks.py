@@ -359,6 +359,19 @@ def test_onnx_inference_smoke(tmp_path):
     assert not list(tmp_path.glob("*.onnx"))  # graphs never land in the results folder
 
 
+def test_onnx_inference_decoder_only(tmp_path):
+    """``--decoder-only`` measures the decoder rows alone and writes their own report (no encoder, no training)."""
+    pytest.importorskip("onnxruntime")
+    from benchmarks import onnx_inference
+
+    onnx_inference.main(["--smoke", "--decoder-only", "--threads", "1", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert "encoder" not in result
+    assert [r["batch"] for r in result["decoder"]["rows"]] == [1, 8]
+    report = (tmp_path / "report.md").read_text()
+    assert "## Decoder generation" in report and "--decoder-only" in report
+
+
 def test_onnx_inference_measures_several_ratios_until_resolved():
     """``measure`` keeps adding rounds while a targeted ratio is unresolved, and picks the fastest denominator."""
     from benchmarks import onnx_inference
@@ -431,3 +444,18 @@ def test_the_reports_name_the_lock_that_pins_transformers_5_23():
     lock = (common.ROOT / common.BENCHMARK_LOCK).read_text().splitlines()
     assert f"transformers=={common.BENCHMARK_LOCK_TRANSFORMERS}" in lock and "peft==0.21.2" in lock
     assert common.BENCHMARK_LOCK_SETUP in (common.ROOT / "benchmarks" / "README.md").read_text()
+
+
+def test_prefix_attention_smoke(tmp_path):
+    """Every way of feeding the prefix computes the same attention as the ``cat`` the library uses, and the report
+    has one ratio per variant."""
+    from benchmarks import prefix_attention
+
+    fns = prefix_attention.variants(2, 8, torch.Generator().manual_seed(0))
+    assert prefix_attention.check_equal(fns) < 1e-5
+    with torch.inference_mode():
+        assert not torch.allclose(fns["cat"](), fns["base"](), atol=1e-2)  # the prefix is in effect
+    result = prefix_attention.main(["--threads", "1", "--shapes", "1x8", "--rounds", "2", "--out", str(tmp_path)])
+    assert set(result["rows"][0]["vs_base"]) == {"cat", "workspace", "seq_major_cat", "split_softmax", "no_copy_floor"}
+    assert set(result["rows"][0]["vs_cat"]) == {"workspace", "seq_major_cat", "split_softmax", "no_copy_floor"}
+    assert "| 1 x 8 |" in (tmp_path / "report.md").read_text()
