@@ -181,11 +181,12 @@ def _why_missed(rows: list[dict]) -> list[str]:
         else:
             text += (". The separate wall-time run shows no gap beyond the op time, so this row's miss is mostly "
                      "run-to-run noise; the op time is what the prefix costs at this shape.")
-        text += (" What would close it: the `cat`s go only with an attention kernel that reads the prefix from a "
-                 "tensor of its own (PyTorch's CPU SDPA takes one key and one value tensor; writing the projections "
-                 "into a buffer with the prefix already in place measured slower than linear + cat on torch 2.13), "
-                 "e.g. ONNX Runtime's attention with past key/value inputs (`benchmarks.onnx_inference`); the Python "
-                 "part only by leaving PEFT's per-call wrappers (an exported graph, or `torch.compile`).")
+        text += (" What would close it: PyTorch's CPU SDPA takes one key and one value tensor, so the prefix must be "
+                 "copied in front of the keys or attended separately; `python -m benchmarks.prefix_attention` "
+                 "measures the ways of doing that in one attention block (a preallocated workspace, a sequence-major "
+                 "`cat`, a split softmax with no copy) against `cat` and against the no-copy floor, the attention "
+                 "work of n more keys alone, which no way of feeding the prefix can beat. The Python part goes only "
+                 "by leaving PEFT's per-call wrappers (an exported graph, or `torch.compile`).")
         lines += [text, ""]
     return lines
 

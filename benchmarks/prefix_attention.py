@@ -13,7 +13,11 @@ the same block without a prefix (interleaved rounds, 95% bootstrap intervals, ``
 * ``no_copy_floor``: SDPA over keys and values that already hold the prefix, made once: the attention work of n
   more keys with no copy of any kind, a lower bound no way of feeding the prefix can beat.
 
-    python -m benchmarks.prefix_attention [--threads 2] [--shapes 1x16 32x64 1x128] [--out DIR]
+It also measures how much of all-MiniLM-L6-v2's whole eval forward its self-attention blocks take at each shape
+(forward hooks around them; ``--no-model`` skips it), which turns a block's ratio into the forward's:
+``1 + share x (block ratio - 1)``.
+
+    python -m benchmarks.prefix_attention [--threads 2] [--shapes 1x16 32x64 1x128] [--no-model] [--out DIR]
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import argparse
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import stats
+from . import common, stats
 
 HEADS, HEAD_DIM, PREFIX = 12, 32, 16  # all-MiniLM-L6-v2, and the prefix length of the other benchmarks
 
@@ -79,6 +84,32 @@ def variants(batch: int, seq: int, generator: torch.Generator) -> dict:
     return {f.__name__: f for f in (base, cat, workspace, seq_major_cat, split_softmax, no_copy_floor)}
 
 
+def attention_share(model: torch.nn.Module, batch: int, seq: int, forwards: int = 20) -> float:
+    """Fraction of an eval forward of ``model`` (a BERT-family classifier) spent inside its self-attention modules."""
+    spent: list[float] = []
+    started: dict[int, float] = {}
+    handles = []
+    for layer in model.base_model.encoder.layer:
+        module = layer.attention.self
+        handles.append(module.register_forward_pre_hook(lambda m, a: started.__setitem__(id(m), time.perf_counter())))
+        handles.append(module.register_forward_hook(
+            lambda m, a, o: spent.append(time.perf_counter() - started[id(m)])))
+    inputs = common.random_batch(model.config.vocab_size, batch, seq)
+    try:
+        with torch.inference_mode():
+            for _ in range(3):
+                model(**inputs)
+            spent.clear()
+            start = time.perf_counter()
+            for _ in range(forwards):
+                model(**inputs)
+            total = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(spent) / total
+
+
 def check_equal(fns: dict) -> float:
     """Every way of feeding the prefix computes the same attention (max abs difference from ``cat``)."""
     with torch.inference_mode():
@@ -92,8 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shapes", nargs="+", default=["1x16", "32x64", "1x128"], help="batch x seq")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-model", action="store_true", help="Skip the attention share of MiniLM's forward.")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    model = None if args.no_model else common.minilm_backbone().make().eval()
     rows = []
     for shape in args.shapes:
         batch, seq = (int(part) for part in shape.split("x"))
@@ -112,6 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
                 row["vs_base"][name] = stats.ratio_interval(rounds[name], rounds["base"]).as_dict()
             if name not in ("base", "cat"):
                 row["vs_cat"][name] = stats.ratio_interval(rounds[name], rounds["cat"]).as_dict()
+        if model is not None:
+            share = attention_share(model, batch, seq)
+            row["attention_share_of_forward"] = share
+            row["forward_ratio"] = {name: 1 + share * (est["ratio"] - 1) for name, est in row["vs_base"].items()}
         rows.append(row)
         print(f"{shape}: vs base: " + ", ".join(f"{name} {stats.RatioEstimate(**est)}"
                                                 for name, est in row["vs_base"].items())
@@ -151,6 +188,15 @@ def report(result: dict, argv: list[str] | None) -> str:
     for row in result["rows"]:
         cells = [f"{est['ratio']:.3f} [{est['low']:.3f}, {est['high']:.3f}]" for est in row["vs_cat"].values()]
         lines.append(f"| {row['batch']} x {row['seq']} | " + " | ".join(cells) + " |")
+    if "attention_share_of_forward" in result["rows"][0]:
+        lines += ["", "What that makes of the whole eval forward of all-MiniLM-L6-v2 (its self-attention blocks' "
+                  "share of the forward, measured with forward hooks; forward ratio = 1 + share x (block ratio - 1)):",
+                  "",
+                  "| batch x seq | attention share | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+        for row in result["rows"]:
+            cells = [f"{row['forward_ratio'][name]:.3f}" for name in names]
+            lines.append(f"| {row['batch']} x {row['seq']} | {row['attention_share_of_forward']:.2f} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

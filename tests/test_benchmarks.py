@@ -459,3 +459,13 @@ def test_prefix_attention_smoke(tmp_path):
     assert set(result["rows"][0]["vs_base"]) == {"cat", "workspace", "seq_major_cat", "split_softmax", "no_copy_floor"}
     assert set(result["rows"][0]["vs_cat"]) == {"workspace", "seq_major_cat", "split_softmax", "no_copy_floor"}
     assert "| 1 x 8 |" in (tmp_path / "report.md").read_text()
+
+
+def test_prefix_attention_share_of_a_forward_is_a_fraction():
+    from benchmarks import prefix_attention
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("bert", "SEQ_CLS").eval()
+    share = prefix_attention.attention_share(model, 2, 8, forwards=3)
+    assert 0.0 < share < 1.0
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
