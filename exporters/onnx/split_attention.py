@@ -13,9 +13,13 @@ queries, n + keys) scores, which for a decoding step (one query) are ``head_dim`
 prefix keys and values stay (1, heads, n, head_dim): MatMul broadcasts them over the batch, and after export they are
 initializers, so ONNX Runtime folds their head repetition and transposition once at session start.
 
-Only calls this expresses exactly are rewritten: SDPA as the base attention, no dropout, no relative-position bias,
-soft-capping or attention sinks (those models run eager attention and keep the plugin's path). Encoder calls that the
-fused ``MultiHeadAttention`` takes (``fused_attention.py``) never reach this function.
+Only causal self-attention (decoders, and the decoder stack of encoder-decoders) is rewritten: there the cache copy
+is what it saves. Bidirectional encoder layers keep the concatenation: with s real tokens their scores (s x (n + s))
+are larger than their keys ((n + s) x head_dim) once s exceeds head_dim, and the fused ``MultiHeadAttention``
+(``fused_attention.py``) takes them anyway. For a long prompt the same holds in a decoder's first call; the decoding
+steps that follow (one query each) are where generation spends its time. Only calls this expresses exactly are
+rewritten: SDPA as the base attention, no dropout, no relative-position bias, soft-capping or attention sinks (those
+models run eager attention and keep the plugin's path).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ def _repeat_heads(states: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _skip_reason(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> str | None:
+    if not getattr(module, "is_causal", False):
+        return "not causal self-attention"
     if base_attention_function(module) is not ALL_ATTENTION_FUNCTIONS.get("sdpa"):
         return "base attention is not SDPA"
     if query.shape[1] % key.shape[1]:
