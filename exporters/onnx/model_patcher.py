@@ -8,7 +8,7 @@ tensors the traced module receives as extra graph inputs (a ``PrefixFeed``). Tho
 initializers afterwards (``postprocess.py``), which keeps their names stable (constant folding cannot rename or fuse
 an input) and keeps the MLP out of the graph. The other patches: eval mode and no grad, broadcast masks for
 transformers 4.5x, per-row or fed task heads (PEFT's ``modules_to_save``), fused prefix attention for encoders and
-split-softmax prefix attention for the other SDPA calls (decoders: no copy of the KV cache per layer and step).
+split-softmax prefix attention for causal SDPA self-attention (decoders: no copy of the KV cache per layer and step).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Why: at inference the plugin prepends the prefix to every layer's keys and values (``cat``), which in a decoder graph
 copies the whole KV cache once more per layer and step (past + new keys are already concatenated for the ``present``
 outputs). ``benchmarks/onnx_inference.py`` measured the decoder graph at 0.915x the base model's tokens/s at batch 8
-with that copy as its extra cost. Here, while tracing, a prefixed call whose base attention is SDPA is written as
+with that copy as its extra cost. Here, while tracing, a prefixed causal self-attention call whose base attention is
+SDPA is written as
 
     scores = [q . prefix_keys^T * scale (+ visibility) ; q . keys^T * scale + mask]
     out    = softmax(scores)[:, :, :, :n] . prefix_values + softmax(scores)[:, :, :, n:] . values
@@ -112,7 +113,7 @@ def _split_or(original):
 
 @contextmanager
 def split_prefix_attention(enabled: bool = True) -> Iterator[None]:
-    """While tracing, write prefixed SDPA calls as split-softmax attention (restored on exit)."""
+    """While tracing, write prefixed causal SDPA self-attention as split-softmax attention (restored on exit)."""
     if not enabled:
         yield
         return
