@@ -112,11 +112,8 @@ def _split_or(original):
 
 
 @contextmanager
-def split_prefix_attention(enabled: bool = True) -> Iterator[None]:
+def split_prefix_attention() -> Iterator[None]:
     """While tracing, write prefixed causal SDPA self-attention as split-softmax attention (restored on exit)."""
-    if not enabled:
-        yield
-        return
     original = ALL_ATTENTION_FUNCTIONS[PTUNING_V2_ATTENTION]
     AttentionInterface.register(PTUNING_V2_ATTENTION, _split_or(original))
     try:
