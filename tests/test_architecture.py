@@ -19,6 +19,8 @@ import torch
 
 from tests.child_process import run_python
 
+pytestmark = pytest.mark.lane_independent  # no transformers-version dependence: one lane runs it
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ptv2_plugin", "exporters")
 FORBIDDEN_IN_PLUGIN = ("exporters", "onnx", "onnxruntime")

@@ -19,6 +19,8 @@ import pytest
 from tests.child_process import GO, start_python
 from tests.fault_injection import inspect_every_kill
 
+pytestmark = pytest.mark.lane_independent  # no transformers-version dependence: one lane runs it
+
 pytest.importorskip("onnxruntime")
 
 from exporters.onnx import ORTModelForSequenceClassification  # noqa: E402

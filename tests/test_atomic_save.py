@@ -25,6 +25,8 @@ from tests.child_process import GO, start_python
 from tests.fault_injection import inspect_every_kill
 from tests.tiny_models import tiny_model
 
+pytestmark = pytest.mark.lane_independent  # no transformers-version dependence: one lane runs it
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 STALLED_WRITER = textwrap.dedent(

@@ -7,6 +7,8 @@ import pytest
 
 from benchmarks import stats
 
+pytestmark = pytest.mark.lane_independent  # no transformers-version dependence: one lane runs it
+
 
 def _paired(ratio: float, rounds: int, noise: float, seed: int = 0) -> tuple[list[float], list[float]]:
     """Per-round times of a candidate ``ratio`` times slower than a baseline, both riding the same load drift."""

@@ -8,6 +8,8 @@ import pytest
 
 from tests.child_process import run_python, start_python
 
+pytestmark = pytest.mark.lane_independent  # no transformers-version dependence: one lane runs it
+
 
 def test_the_child_waits_for_go_and_the_output_comes_back():
     child = start_python("print('after go', flush=True)\nprint(input(), flush=True)", timeout=30)

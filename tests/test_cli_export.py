@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.lane_independent  # no transformers-version dependence: one lane runs it
+
 pytest.importorskip("onnxruntime")
 
 from exporters.cli import main  # noqa: E402

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.lane_independent  # no transformers-version dependence: one lane runs it
+
 pytest.importorskip("onnxruntime")
 
 from benchmarks import gpu_check  # noqa: E402

@@ -10,6 +10,8 @@ import pytest
 
 from tests.test_trainer import _fresh_accelerator_state  # noqa: F401  (autouse fixture)
 
+pytestmark = pytest.mark.lane_independent  # scripts/main.sh runs the main job on the newest lane only
+
 SMALL = ["--max-steps", "2", "--max-train-samples", "24", "--max-eval-samples", "24", "--batch-size", "8",
          "--max-length", "32", "--latency-samples", "3", "--num-virtual-tokens", "4"]
 

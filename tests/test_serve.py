@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+pytestmark = pytest.mark.lane_independent  # no transformers-version dependence: one lane runs it
+
 pytest.importorskip("onnxruntime")
 
 from examples.serve import Job, Limits, Metrics, ServiceHTTPServer, TaskBatcher, build_service  # noqa: E402
