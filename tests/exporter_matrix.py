@@ -2,7 +2,8 @@
 
 dynamo is the library default (exporters/onnx/graph_export.py); a dynamo export takes about 10x as long as a legacy
 TorchScript one on the tiny test models (2.9 s vs 0.25 s for a two-layer BERT), and each CI lane runs the suite
-within a time budget (scripts/test.sh runs both matrices on every lane, over two pytest-xdist workers). So:
+within a time budget (scripts/test.sh runs both matrices on the tf457 and tf5 lanes, dynamo's on tf523, over two
+pytest-xdist workers). So:
 
 - TorchScript, the fallback, keeps the whole matrix the suite ran before the dynamo path existed: it is cheap;
 - dynamo runs every architecture and every task (encoder tasks cycled over the encoders, each decoder
