@@ -8,6 +8,11 @@
 # --no-compile: pip would byte-compile every installed module (all of torch's), more than half of a lane's set-up
 # time (222 s -> 103 s for the three lanes in a fresh clone); Python compiles what is imported, once, on first use.
 PYTHON=${PYTHON:-python3}
+# Bytecode: with the installs below not byte-compiled, Python caches the bytecode of what it imports on first use, and
+# every later process (pytest workers, the tests' child processes) reads it. A machine-wide PYTHONDONTWRITEBYTECODE
+# (this project's machines set it) would make every process compile torch from source again: measured in a fresh clone,
+# the tf5 lane took 481 s instead of 335 s. These scripts let Python write it (into the venvs and gitignored caches).
+unset PYTHONDONTWRITEBYTECODE
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 
 venv_of() {  # lane -> its virtual environment

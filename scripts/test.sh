@@ -33,8 +33,11 @@ print(f"transformers {transformers.__version__}, peft {peft.__version__}, torch 
     "${selection[@]}" "${@:2}" || status=1
 }
 
+echo "=== setting up lanes: $LANES"
+SECONDS=0
 # shellcheck disable=SC2086
 setup_lanes $LANES
+echo "=== lanes ready in ${SECONDS} s"
 
 echo "=== ruff"
 "$(venv_of "${LANES##* }")/bin/python" -m ruff check . || status=1
