@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command (CI runs exactly this): sets up (or refreshes) one virtual environment per lane from its
-# committed lock (scripts/lanes.sh lists them) and runs ruff and the whole suite in each. Arguments go to pytest;
+# committed lock (scripts/lanes.sh lists them) and runs ruff and the suite in each (the last lane all of it, the others
+# all but the lane_independent tests). Arguments go to pytest;
 # PTV2_LANES picks lanes (default: "tf457 tf523 tf5").
 set -euo pipefail
 cd "$(dirname "$0")/.."
