@@ -18,6 +18,7 @@ from onnx import numpy_helper  # noqa: E402
 from exporters.cli import main as cli_main  # noqa: E402
 from exporters.onnx import ExportValidationError, export, load  # noqa: E402
 from exporters.onnx import quantize as Q  # noqa: E402
+from exporters.onnx.outlier_channels import OUTLIER_CHANNELS  # noqa: E402
 from tests.test_export_onnx import RUNTIME, batch, peft_model  # noqa: E402
 from tests.tiny_models import tiny_model  # noqa: E402
 
@@ -57,9 +58,15 @@ def test_graph_runs_weight_matmuls_in_int8_and_keeps_the_prefix_float32(exports,
     assert ops.count("MatMulInteger") >= 4 and "DynamicQuantizeLinear" in ops
     weights = {t.name: list(t.dims) for t in graph.initializer}
     float_weight_matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
-    # only down projections (weight rows > columns: feed-forward outputs, classifier heads) stay float32
-    assert float_weight_matmuls and all(weights[n.input[1]][0] > weights[n.input[1]][1] for n in float_weight_matmuls)
-    assert len(float_weight_matmuls) == len(Q.down_projections(_graph(float_folder)))
+    outlier_parts = [n for n in float_weight_matmuls if n.name.endswith("/outliers/MatMul")]
+    downs = Q.down_projections(_graph(float_folder))
+    feed_forward_downs = [n for n in downs if n not in Q.task_heads(_graph(float_folder), downs)]
+    # each feed-forward down projection keeps exactly its outlier channels in float32; the rest of it is int8
+    assert feed_forward_downs and len(outlier_parts) == len(feed_forward_downs)
+    assert all(weights[n.input[1]][0] == OUTLIER_CHANNELS for n in outlier_parts)
+    # the only other float32 weight MatMuls: classifier heads (more weight rows than columns)
+    heads = [n for n in float_weight_matmuls if n not in outlier_parts]
+    assert all(weights[n.input[1]][0] > weights[n.input[1]][1] for n in heads)
     int8 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
     assert len(int8) == ops.count("MatMulInteger")  # QInt8 weights, one per quantized MatMul
 
@@ -76,6 +83,8 @@ def test_metadata_records_quantization_and_agreement(exports, arch, task):
     quantized = metadata["quantization"]["files"]["model.onnx"]
     assert metadata["quantization"]["scheme"] == "int8" and quantized["weight_type"] == "QInt8"
     assert quantized["quantized_ops"]["MatMulInteger"] >= 4
+    split = quantized["down_projections_split"]
+    assert split["count"] == 2 and split["float32_input_channels"] == 2 * OUTLIER_CHANNELS  # 2 layers in tiny models
     parity = metadata["parity"]
     assert parity["kind"] == "agreement" and parity["ok"] and parity["rows"] >= 30
     assert parity["agreement"] >= parity["min_agreement"] == Q.DEFAULT_MIN_AGREEMENT

@@ -31,7 +31,7 @@ from .model_patcher import eval_mode
 from .plan import ExportPlan, GraphPlan, plan_export
 from .postprocess import finalize_graph
 from .providers import CPU, CUDA
-from .quantize import check_agreement, quantize_graph
+from .quantize import calibration_feeds, check_agreement, quantize_graph
 from .tolerances import resolve_tolerance
 from .trace import trace_graph
 from .validate import check_parity
@@ -105,10 +105,11 @@ def export(
     ``"torchscript"`` (torch's deprecated legacy tracer, the fallback; also chosen, with a logged reason, when
     ``opset`` < 18); both write the same graph names, initializers and metadata (``graph_export.py``).
 
-    ``quantize="int8"``: every graph is dynamically quantized after export (``quantize.py``: int8 weight MatMuls,
-    prefix and heads float32). Validation then compares predictions instead of a float tolerance: it fails when the
-    argmax agreement with PyTorch is below ``min_agreement`` (default 0.95); agreement and max logit error are
-    recorded in ``ptv2_export.json`` under ``parity``, the quantization under ``quantization``.
+    ``quantize="int8"``: every graph is dynamically quantized after export (``quantize.py``: int8 weight MatMuls;
+    the down projections' few outlier input channels, the prefix and the heads stay float32). Validation then
+    compares predictions instead of a float tolerance: it fails when the argmax agreement with PyTorch is below
+    ``min_agreement`` (default 0.95); agreement and max logit error are recorded in ``ptv2_export.json`` under
+    ``parity``, the quantization under ``quantization``.
     """
     say = progress or logger.info
     output_dir = Path(output_dir)
@@ -173,7 +174,12 @@ def _check_fused(graph: GraphPlan, fused_layers: int, skipped: list[str], say) -
 
 def _quantize_graphs(plan: ExportPlan, staging: Path, say) -> dict[str, Any]:
     """int8: each written graph replaced by its dynamically quantized form; returns what the metadata records."""
-    quantized = {graph.file_name: quantize_graph(staging / graph.file_name) for graph in plan.graphs}
+    config = plan.inner.config
+    quantized = {
+        graph.file_name: quantize_graph(staging / graph.file_name,
+                                        calibration_feeds(config, graph.layout, staging / graph.file_name))
+        for graph in plan.graphs
+    }
     say(f"Quantized to int8 (dynamic): {', '.join(f'{k} {v}' for k, v in quantized.items())}")
     return quantized
 
