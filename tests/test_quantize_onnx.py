@@ -127,6 +127,18 @@ def test_fused_attention_composes_with_int8(exports):
         assert json.loads((folder / "ptv2_export.json").read_text())["fused_attention"] == fused
 
 
+def test_encoder_decoder_graphs_split_every_feed_forward_down_projection(tmp_path):
+    """T5: the encoder's residual stream reaches its output through plain ops, yet its down projections are found
+    as such (not as heads) in all three graphs, and the int8 model still agrees with PyTorch."""
+    folder = export(peft_model("t5", "SEQ_2_SEQ_LM"), tmp_path / "t5", quantize="int8")
+    metadata = json.loads((folder / "ptv2_export.json").read_text())
+    files = metadata["quantization"]["files"]
+    assert sorted(files) == ["decoder_model.onnx", "decoder_with_past_model.onnx", "encoder_model.onnx"]
+    for info in files.values():
+        assert info["down_projections_split"]["count"] == 2 and info["float32_nodes"]["heads"] == 0
+    assert metadata["parity"]["ok"]
+
+
 def test_validation_fails_when_predictions_disagree(tmp_path, monkeypatch):
     """A quantized graph whose logits are negated (every argmax flips) is refused, and nothing is written."""
     original = Q.quantize_graph

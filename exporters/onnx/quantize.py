@@ -16,8 +16,9 @@ whole in float32 (this module before) 98.62% agreement with float32, mean |logit
 b32 x s64 (2 threads); quantized whole 97.25%, 0.075, 110 ms; with 4 outlier channels float32 98.51%, 0.056, 116 ms.
 Per-tensor weights instead of per-channel flipped 8.5% of predictions (max logit error 0.69). What stays float32:
 
-* classifier heads (a weight with more rows than columns whose product is a graph output): tiny, and the logits
-  they produce are what agreement is judged on;
+* classifier heads (a weight with more rows than columns whose product reaches a graph output with no weight
+  MatMul, norm, attention or residual connection in between): tiny, and the logits they produce are what
+  agreement is judged on;
 * the attention-score MatMuls (both inputs are activations), the fused ``com.microsoft.MultiHeadAttention`` (a
   float kernel; its input projections are quantized), norms, softmax;
 * every node that reads a ``ptv2.*`` initializer: the prefix keys/values and the swappable task heads stay float32
@@ -63,7 +64,9 @@ QUANTIZED_OPS = ("DynamicQuantizeLinear", "MatMulInteger", "QAttention", "Dynami
 DEFAULT_MIN_AGREEMENT = 0.95
 MIN_COSINE = 0.99  # feature extraction: every hidden-state vector at least this close to PyTorch's in direction
 AGREEMENT_ROWS = (64, 16)  # one wider encoder batch, so the agreement rate rests on more than a handful of rows
-PASS_THROUGH_OPS = ("Add", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast", "Flatten")
+# where the search for task heads stops: what lies beyond one of these is no longer a head's own output
+STOP_OPS = ("MatMul", "Gemm", "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+            "ReduceMean", "Softmax", "MultiHeadAttention", "Attention")
 CALIBRATION_ROWS, CALIBRATION_BATCHES = (16, 16), 4  # 1024 random tokens: where the down projections' outliers are
 
 
@@ -122,22 +125,33 @@ def down_projections(graph) -> list[str]:
 
 
 def task_heads(graph, candidates: list[str]) -> list[str]:
-    """The nodes among ``candidates`` whose output is a graph output (through at most a bias ``Add`` or reshapes):
-    classifier heads, which stay float32 whole."""
+    """The nodes among ``candidates`` that produce a graph output without another weight MatMul, a norm or an
+    attention or residual connection in between: task heads (and the per-adapter heads of a multi-adapter graph),
+    which stay float32 whole. A feed-forward down projection's product joins the residual stream, which stops the
+    search."""
     outputs = {o.name for o in graph.output}
+    constants = {t.name for t in graph.initializer}
+    constants.update(out for node in graph.node if node.op_type == "Constant" for out in node.output)
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+
+    def stops(node) -> bool:  # a residual connection adds two activations; a bias add has one constant input
+        return node.op_type in STOP_OPS or (node.op_type == "Add" and not constants.intersection(node.input))
+
     heads = []
     for node in graph.node:
         if node.name not in candidates:
             continue
-        tensor = node.output[0]
-        while tensor not in outputs and len(consumers.get(tensor, [])) == 1 \
-                and consumers[tensor][0].op_type in PASS_THROUGH_OPS:
-            tensor = consumers[tensor][0].output[0]
-        if tensor in outputs:
+        frontier, seen = [node.output[0]], set()
+        while frontier and not outputs.intersection(frontier):
+            tensor = frontier.pop()
+            for consumer in consumers.get(tensor, []):
+                if not stops(consumer) and consumer.name not in seen:
+                    seen.add(consumer.name)
+                    frontier.extend(consumer.output)
+        if outputs.intersection(frontier):
             heads.append(node.name)
     return heads
 
