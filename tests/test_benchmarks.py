@@ -354,6 +354,9 @@ def test_onnx_inference_smoke(tmp_path):
     assert ratios["default_vs_best_base"]["verdict"] in (stats.MET, stats.MISSED, stats.INCONCLUSIVE)
     accuracy = encoder["sst2_dev"]
     assert set(accuracy["accuracy"]) == {"ptv2", "ptv2-int8", "torch"} and accuracy["verdict"]
+    heldout = encoder["sst2_heldout"]  # the same comparison on sentences outside the adapter's training set
+    assert heldout["examples"] == 48 and set(heldout["accuracy"]) == {"ptv2", "ptv2-int8"} and heldout["verdict"]
+    assert "Held out from SST-2 train (48 sentences" in (tmp_path / "report.md").read_text()
     decoder = result["decoder"]["rows"]
     assert [r["batch"] for r in decoder] == [1, 8] and all(r["tokens_per_s"]["ort:ptv2"] > 0 for r in decoder)
     assert not list(tmp_path.glob("*.onnx"))  # graphs never land in the results folder
