@@ -45,6 +45,8 @@ def channel_absmax(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Iterab
     """Largest |value| per last-axis channel of each named intermediate tensor, over every feed.
 
     The float graph runs once per feed with those tensors added as outputs (a copy written to ``workdir``)."""
+    if not tensors:
+        return {}  # nothing to measure: no session, no copy of the graph
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     for name in tensors:
