@@ -35,6 +35,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from .postprocess import EXTERNAL_DATA_BYTES
 from .providers import CPU
 
 OUTLIER_CHANNELS = 4
@@ -53,7 +54,7 @@ def channel_absmax(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Iterab
         probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     with tempfile.TemporaryDirectory(dir=workdir, prefix="calibration-") as tmp:
         path = Path(tmp) / "probe.onnx"
-        large = probe.ByteSize() > 1_800_000_000
+        large = probe.ByteSize() > EXTERNAL_DATA_BYTES
         onnx.save_model(probe, str(path), save_as_external_data=large, location="probe.onnx_data" if large else None)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -87,9 +88,9 @@ def as_matmul(graph: onnx.GraphProto, node: onnx.NodeProto) -> onnx.NodeProto | 
     if node.op_type != "Gemm" or attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0 \
             or attributes.get("beta", 1.0) != 1.0:
         return None
-    weights = {t.name: t for t in graph.initializer}
     if sum(node.input[1] in other.input for other in graph.node) > 1:
         return None  # a weight shared with another node (tied) is left as it is
+    weights = {t.name: t for t in graph.initializer}
     if attributes.get("transB", 0):
         transposed = numpy_helper.to_array(weights[node.input[1]]).T.copy()
         weights[node.input[1]].CopyFrom(numpy_helper.from_array(transposed, node.input[1]))
