@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import layout as L
+from .postprocess import EXTERNAL_DATA_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ DEFAULT_EXPORTER = DYNAMO
 DYNAMO_MIN_OPSET = 18
 DYNAMO_DEFAULT_OPSET = 20  # the module docstring: GELU as one node, which ORT fuses into BiasGelu
 DEFAULT_OPSET = {DYNAMO: DYNAMO_DEFAULT_OPSET, TORCHSCRIPT: L.DEFAULT_OPSET}
-_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a serialized graph at 2 GB
 
 
 def resolve_exporter(exporter: str | None, opset: int | None, say) -> tuple[str, int]:
@@ -124,8 +124,8 @@ def _export_dynamo_quietly(wrapper: nn.Module, args: Sequence[torch.Tensor], pat
     # torch.export annotates every intermediate value; the annotations go stale when post-processing changes a type
     # (float16 conversion), which strict shape inference then rejects. Inference recomputes them.
     del proto.graph.value_info[:]
-    onnx.save_model(proto, str(path), save_as_external_data=size > _EXTERNAL_DATA_BYTES,
-                    all_tensors_to_one_file=True, location=path.name + "_data" if size > _EXTERNAL_DATA_BYTES else None)
+    onnx.save_model(proto, str(path), save_as_external_data=size > EXTERNAL_DATA_BYTES,
+                    all_tensors_to_one_file=True, location=path.name + "_data" if size > EXTERNAL_DATA_BYTES else None)
 
 
 def rename_dims(graph, dynamic_axes: Mapping[str, Mapping[int, str]]) -> None:
