@@ -11,7 +11,8 @@ temporary ``--work-dir``, never in results/):
   attention; ``base/sdpa+opt``, ``base/eager+opt``: those through ORT's transformer optimizer
   (``optimize_model(model_type="bert")``). The best base graph is the fastest of these four at each shape.
 - ``ptv2``: ``export(model)``, the DEFAULT export (dynamo exporter, opset 20, ``fused_attention="auto"``: one
-  ``com.microsoft.MultiHeadAttention`` per prefixed layer), as a user gets it, no optimizer on top.
+  ``com.microsoft.Attention`` per prefixed layer, packed onto its query/key/value GEMM with the prefix as its past),
+  as a user gets it, no optimizer on top.
 - ``ptv2-plain``: ``export(model, fused_attention=False)``, the A/B partner (plain ONNX attention ops).
 - ``ptv2-int8``: ``export(model, quantize="int8")`` (dynamic int8 weight MatMuls, prefix float32).
 - ``ptv2-torchscript``: ``export(model, exporter="torchscript")``, the A/B partner of the exporter choice.

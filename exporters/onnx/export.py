@@ -16,6 +16,7 @@ import copy
 import logging
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,6 @@ from ptv2_plugin.atomic_folder import replace_folder
 
 from .adapter_tensors import base_fingerprint
 from .folder import build_metadata, check_output_dir, write_metadata, write_model_files
-from .fused_attention import FUSED_OP
 from .model_patcher import eval_mode
 from .plan import ExportPlan, GraphPlan, plan_export
 from .postprocess import finalize_graph
@@ -89,9 +89,10 @@ def export(
 
     ``fused_attention``: encoder graphs run each prefixed self-attention layer as ONNX Runtime's fused
     ``com.microsoft.MultiHeadAttention`` (prefix in front of its keys/values), which ORT's own optimizer cannot
-    recover once a prefix is concatenated. ``"auto"`` (default) uses it wherever it applies and logs why not
-    elsewhere; ``True`` fails with the reason when it cannot apply to every prefixed layer; ``False`` writes plain
-    ONNX ops only (for runtimes without ORT's contrib ops).
+    recover once a prefix is concatenated; in float32 graphs that are not quantized, as ``com.microsoft.Attention``
+    on the packed query/key/value GEMM with the prefix as its past (packed_attention.py). ``"auto"`` (default) uses
+    it wherever it applies and logs why not elsewhere; ``True`` fails with the reason when it cannot apply to every
+    prefixed layer; ``False`` writes plain ONNX ops only (for runtimes without ORT's contrib ops).
 
     ``prefix_as``: ``"constants"`` (default) bakes the prefix in. ``"adapter_inputs"`` keeps the prefix and the task
     head as overridable inputs (initializers that are also graph inputs, defaulting to this adapter), so one deployed
@@ -138,17 +139,17 @@ def export(
     return output_dir
 
 
-def _trace_graphs(plan: ExportPlan, inner: torch.nn.Module, staging: Path, say) -> int:
-    """Trace, post-process and (where planned) fuse every graph of the plan into ``staging``; returns the number
-    of fused attention nodes written."""
+def _trace_graphs(plan: ExportPlan, inner: torch.nn.Module, staging: Path, say) -> Counter:
+    """Trace, post-process and (where planned) fuse every graph of the plan into ``staging``; returns the fused
+    attention nodes written, by op."""
     say(f"Tracing with torch.onnx ({plan.exporter} exporter, opset {plan.opset})")
     (staging / "trace").mkdir()
-    fused_layers = 0
+    fused_layers: Counter = Counter()
     for graph in plan.graphs:
         traced = staging / "trace" / graph.file_name
         skipped = trace_graph(inner, plan, graph, traced)
         fused_here = finalize_graph(traced, staging / graph.file_name, graph.initializers, plan.torch_dtype,
-                                    overridable=plan.swappable)
+                                    overridable=plan.swappable, pack_attention=plan.quantize is None)
         fused_layers += fused_here
         kind = "overridable inputs (defaults: this adapter)" if plan.swappable else "initializers, no prefix inputs"
         say(f"Wrote {graph.file_name}: prefix{' and task head' if graph.extras else ''} stored as "
@@ -159,10 +160,10 @@ def _trace_graphs(plan: ExportPlan, inner: torch.nn.Module, staging: Path, say) 
     return fused_layers
 
 
-def _check_fused(graph: GraphPlan, fused_layers: int, skipped: list[str], say) -> None:
-    prefixed_layers = len(graph.slots)
+def _check_fused(graph: GraphPlan, fused: Counter, skipped: list[str], say) -> None:
+    prefixed_layers, fused_layers = len(graph.slots), sum(fused.values())
     if fused_layers == prefixed_layers:
-        say(f"Fused attention: {fused_layers} prefixed layers run as com.microsoft.{FUSED_OP}")
+        say(f"Fused attention: {fused_layers} prefixed layers run as {' + '.join(sorted(fused))}")
         return
     why = "; ".join(dict.fromkeys(skipped)) or ("their attention runs neither through transformers' attention "
                                                  "interface nor as BERT-style inline self-attention")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,6 @@ import transformers
 import ptv2_plugin
 
 from . import layout as L
-from .fused_attention import FUSED_OP
 from .plan import GENERATIVE_TASKS, ExportPlan
 
 TOKENIZER_FILES = (
@@ -94,7 +94,7 @@ def _copy_tokenizer(source_dirs: list[Path], target: Path) -> list[str]:
     return []
 
 
-def build_metadata(plan: ExportPlan, fused_layers: int, base_fingerprint: str | None,
+def build_metadata(plan: ExportPlan, fused: Counter, base_fingerprint: str | None,
                    quantized: dict[str, Any] | None = None) -> dict[str, Any]:
     """``ptv2_export.json`` of an export (``parity`` and ``written_files`` are filled in by the pipeline)."""
     peft_model, names, multi = plan.peft_model, plan.adapters, plan.multi
@@ -137,7 +137,8 @@ def build_metadata(plan: ExportPlan, fused_layers: int, base_fingerprint: str | 
         "prefix_as": plan.prefix_as,
         "prefix_capacity": plan.prefix_capacity,
         "base_fingerprint": base_fingerprint,
-        "fused_attention": {"op": f"com.microsoft.{FUSED_OP}", "layers": fused_layers} if fused_layers else None,
+        # by op: com.microsoft.Attention where packed_attention.py packed a layer, else MultiHeadAttention
+        "fused_attention": {"ops": dict(sorted(fused.items())), "layers": sum(fused.values())} if fused else None,
         "quantization": {"scheme": plan.quantize, "files": quantized} if quantized else None,
     }
 

@@ -29,6 +29,7 @@ query/key/value/prefix are at hand as tensors.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -46,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 DOMAIN = "com.microsoft"
 FUSED_OP = "MultiHeadAttention"
+PACKED_OP = "Attention"  # the same layer after packed_attention.py
+FUSED_OPS = (FUSED_OP, PACKED_OP)
 # Encoders whose self-attention mask is pure key padding with absolute positions, so the graph's 2-D
 # ``attention_mask`` is the whole mask. (ModernBERT's local layers and DeBERTa's relative bias are not.)
 FUSABLE_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
@@ -259,5 +262,12 @@ def fused_prefix_attention(enabled: bool = True, model: torch.nn.Module | None =
 
 
 def count_fused(graph) -> int:
-    """Number of fused attention nodes in an ``onnx.GraphProto``."""
-    return sum(1 for node in graph.node if node.op_type == FUSED_OP and node.domain == DOMAIN)
+    """Number of fused attention nodes in an ``onnx.GraphProto``: ``MultiHeadAttention``, or ``Attention`` where
+    packed_attention.py packed one onto its projection GEMM."""
+    return sum(fused_ops(graph).values())
+
+
+def fused_ops(graph) -> Counter:
+    """Fused attention nodes of an ``onnx.GraphProto`` by qualified op name (``com.microsoft.Attention``, ...)."""
+    return Counter(f"{DOMAIN}.{node.op_type}" for node in graph.node
+                   if node.op_type in FUSED_OPS and node.domain == DOMAIN)
