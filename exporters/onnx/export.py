@@ -149,7 +149,7 @@ def _trace_graphs(plan: ExportPlan, inner: torch.nn.Module, staging: Path, say) 
         traced = staging / "trace" / graph.file_name
         skipped = trace_graph(inner, plan, graph, traced)
         fused_here = finalize_graph(traced, staging / graph.file_name, graph.initializers, plan.torch_dtype,
-                                    overridable=plan.swappable, pack_attention=plan.quantize is None)
+                                    overridable=plan.swappable, pack_attention=_packs_attention(plan))
         fused_layers += fused_here
         kind = "overridable inputs (defaults: this adapter)" if plan.swappable else "initializers, no prefix inputs"
         say(f"Wrote {graph.file_name}: prefix{' and task head' if graph.extras else ''} stored as "
@@ -158,6 +158,13 @@ def _trace_graphs(plan: ExportPlan, inner: torch.nn.Module, staging: Path, say) 
             _check_fused(graph, fused_here, skipped, say)
     shutil.rmtree(staging / "trace")
     return fused_layers
+
+
+def _packs_attention(plan: ExportPlan) -> bool:
+    """Whether fused layers become ``com.microsoft.Attention`` (packed_attention.py): float32 graphs that are not
+    quantized, exported (and so validated) on CPU; ORT's CUDA ``Attention`` kernel with a past has not been run for
+    this project, so a CUDA export keeps ``MultiHeadAttention``."""
+    return plan.quantize is None and plan.device.type == "cpu"
 
 
 def _check_fused(graph: GraphPlan, fused: Counter, skipped: list[str], say) -> None:

@@ -18,7 +18,8 @@ Layers in another layout stay ``MultiHeadAttention``: keys/values already prefix
 (BERT-family attention computed inline, transformers 4.5x) and per-projection biases added after the split (the
 TorchScript exporter's graphs). Only graphs that stay float32 are rewritten: an int8 export keeps
 ``MultiHeadAttention`` so that ORT's quantizer sees the projection GEMM (``quantize.py``); float16 exports have no
-fused attention at all (``fused_attention.py``).
+fused attention at all (``fused_attention.py``). Exports on CUDA keep ``MultiHeadAttention`` too (``export.py``):
+ORT's CUDA ``Attention`` kernel with a past has not been run for this project.
 """
 
 from __future__ import annotations
