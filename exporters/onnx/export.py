@@ -89,7 +89,7 @@ def export(
 
     ``fused_attention``: encoder graphs run each prefixed self-attention layer as ONNX Runtime's fused
     ``com.microsoft.MultiHeadAttention`` (prefix in front of its keys/values), which ORT's own optimizer cannot
-    recover once a prefix is concatenated; in float32 graphs that are not quantized, as ``com.microsoft.Attention``
+    recover once a prefix is concatenated; in float32 CPU exports that are not quantized, as ``com.microsoft.Attention``
     on the packed query/key/value GEMM with the prefix as its past (packed_attention.py). ``"auto"`` (default) uses
     it wherever it applies and logs why not elsewhere; ``True`` fails with the reason when it cannot apply to every
     prefixed layer; ``False`` writes plain ONNX ops only (for runtimes without ORT's contrib ops).
