@@ -219,6 +219,11 @@ def main(argv: list[str] | None = None) -> dict:
         bars["export"].close()
     trainer.save_model(str(output_dir / "adapter"))  # the best adapter (load_best_model_at_end); main process only
     prediction = trainer.predict(trainer.eval_dataset)  # every rank: distributed evaluation gathers across ranks
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # The last collective is done: tear the process group down while the interpreter is alive. Left to exit,
+        # gloo's threads can abort a finished rank ("terminate called without an active exception",
+        # pytorch/pytorch#190489), and torchrun then stops the main process mid-export.
+        torch.distributed.destroy_process_group()
     if not main_process:
         return {}
     torch_logits = torch.as_tensor(prediction.predictions)
