@@ -164,7 +164,7 @@ def _packs_attention(plan: ExportPlan) -> bool:
     """Whether fused layers become ``com.microsoft.Attention`` (packed_attention.py): float32 graphs that are not
     quantized, exported (and so validated) on CPU; ORT's CUDA ``Attention`` kernel with a past has not been run for
     this project, so a CUDA export keeps ``MultiHeadAttention``."""
-    return plan.quantize is None and plan.device.type == "cpu"
+    return plan.torch_dtype == torch.float32 and plan.quantize is None and plan.device.type == "cpu"
 
 
 def _check_fused(graph: GraphPlan, fused: Counter, skipped: list[str], say) -> None:

@@ -115,20 +115,20 @@ def merge_shared_input_projections(model: onnx.ModelProto) -> int:
     return merged
 
 
-def _names_read(graph: onnx.GraphProto) -> set[str]:
+def names_read(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name a node of ``graph`` or of its subgraphs reads, and the graph's outputs."""
     names = {o.name for o in graph.output}
     for node in graph.node:
         names.update(node.input)
         for attribute in node.attribute:
             for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
-                names |= _names_read(sub)
+                names |= names_read(sub)
     return names
 
 
 def _drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
     """The merged weights and biases nothing reads any more, and annotations of tensors that no longer exist."""
-    used = _names_read(graph)
+    used = names_read(graph)
     kept = [t for t in graph.initializer if t.name in used or t.name not in candidates]
     del graph.initializer[:]
     graph.initializer.extend(kept)

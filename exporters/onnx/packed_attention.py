@@ -31,6 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .fused_attention import DOMAIN, FUSED_OP, PACKED_OP
+from .merge_projections import names_read
 
 _BNSH = [0, 2, 1, 3]
 
@@ -160,29 +161,17 @@ def _replace(graph: onnx.GraphProto, match: _Match, index: int) -> None:
 def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
     """Remove nodes none of whose outputs is used (the split, reshapes, transposes and concats the rewrite
     bypassed), then initializers nothing reads."""
-    outputs = {o.name for o in graph.output}
     while True:
-        used = _names_read(graph) | outputs
+        used = names_read(graph)  # graph outputs included
         dead = [node for node in graph.node if not any(o in used for o in node.output if o)]
         if not dead:
             break
         for node in dead:
             graph.node.remove(node)
-    used = _names_read(graph)
+    used = names_read(graph)
     graph_inputs = {i.name for i in graph.input}
     for tensor in [t for t in graph.initializer if t.name not in used and t.name not in graph_inputs]:
         graph.initializer.remove(tensor)
-
-
-def _names_read(graph: onnx.GraphProto) -> set[str]:
-    """Every value name a node reads, subgraphs (If/Loop bodies, which may read outer values) included."""
-    names = set()
-    for node in graph.node:
-        names.update(node.input)
-        for attribute in node.attribute:
-            for subgraph in [attribute.g] * attribute.HasField("g") + list(attribute.graphs):
-                names |= _names_read(subgraph)
-    return names
 
 
 def _attr(node: onnx.NodeProto, name: str):

@@ -24,7 +24,7 @@ def finalize_graph(traced: Path, path: Path, initializers: dict[str, torch.Tenso
     """Write ``path`` from the traced graph ``traced``; ``initializers`` are its trailing inputs (prefix, extras).
     ``overridable`` keeps them listed as graph inputs too: an initializer that is also an input is an input with a
     default value, which ONNX Runtime's adapters (and plain feeds) can replace per run. ``pack_attention`` rewrites
-    fused layers as ``com.microsoft.Attention`` (packed_attention.py; float32 graphs only).
+    fused layers as ``com.microsoft.Attention`` (packed_attention.py; the caller decides, ``export._packs_attention``).
     Returns the fused attention nodes written, by op (``fused_attention.fused_ops``)."""
     proto = onnx.load(str(traced))
     present = {i.name for i in proto.graph.input}
@@ -37,7 +37,7 @@ def finalize_graph(traced: Path, path: Path, initializers: dict[str, torch.Tenso
     for name, tensor in initializers.items():
         proto.graph.initializer.append(numpy_helper.from_array(tensor.cpu().numpy(), name))
     merge_shared_input_projections(proto)  # one GEMM per shared input (merge_projections.py says why)
-    if pack_attention and dtype == torch.float32:
+    if pack_attention:
         pack_prefixed_attention(proto)
     external = sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
     if dtype == torch.float16:
