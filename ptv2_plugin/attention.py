@@ -115,6 +115,9 @@ class PrefixedAttentionConfig:
 
     def __init__(self, base_config: Any) -> None:
         self.__dict__["_base"] = base_config
+        # An instance entry, not a property: the module reads it on every call, and this costs no Python frame.
+        # Writes still go to the real config (``__setattr__``).
+        self.__dict__["_attn_implementation"] = PTUNING_V2_ATTENTION
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "_base":
@@ -123,10 +126,6 @@ class PrefixedAttentionConfig:
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.__dict__["_base"], name, value)
-
-    @property
-    def _attn_implementation(self) -> str:
-        return PTUNING_V2_ATTENTION
 
     @property
     def base_config(self) -> Any:
@@ -144,7 +143,12 @@ def unsupported_backend(implementation: str, module_name: str) -> NotImplemented
 
 
 def base_attention_function(module: nn.Module) -> Callable:
-    """The function the module would call without us: its own file's eager function, or the registered one.
+    """The function the module would call without us: its own file's eager function, or the registered one."""
+    return _resolve_base_attention(module)[1]
+
+
+def _resolve_base_attention(module: nn.Module) -> tuple[str, Callable]:
+    """``(implementation name, function)`` of the module's own attention.
 
     Resolved once per implementation name and remembered on the module's config view (this runs in every layer of
     every forward); ``set_attn_implementation`` changes the name and so the answer.
@@ -156,16 +160,17 @@ def base_attention_function(module: nn.Module) -> Callable:
     implementation = config._attn_implementation or "eager"
     resolved = view.__dict__.get("_resolved") if view is not None else None
     if resolved is not None and resolved[0] == implementation:
-        return resolved[1]
+        return resolved
     if implementation == "eager":
         function = sys.modules[type(module).__module__].eager_attention_forward
     elif implementation in SUPPORTED_BASE_IMPLEMENTATIONS:
         function = ALL_ATTENTION_FUNCTIONS[implementation]
     else:
         raise unsupported_backend(implementation, type(module).__name__)
-    if view is not None:
-        view.__dict__["_resolved"] = (implementation, function)
-    return function
+    resolved = (implementation, function)
+    if view is not None:  # prefixed_attention reads it inline
+        view.__dict__["_resolved"] = resolved
+    return resolved
 
 
 def prefixed_attention(
@@ -177,29 +182,46 @@ def prefixed_attention(
     *args: Any,
     **kwargs: Any,
 ):
-    """Registered attention function: the model's own attention over ``[prefix; keys]`` and ``[prefix; values]``."""
-    attend = base_attention_function(module)
+    """Registered attention function: the model's own attention over ``[prefix; keys]`` and ``[prefix; values]``.
+
+    This runs in every prefixed layer of every forward, so the common case (one adapter, no mask or an ordinary
+    one) is written out inline: each helper call here would cost more than the checks it makes.
+    """
+    view = module.config  # the view InterfaceInjection installed; its cached resolution is read inline
+    resolved = view.__dict__.get("_resolved") if type(view) is PrefixedAttentionConfig else None
+    if resolved is None or resolved[0] != (view.__dict__["_base"]._attn_implementation or "eager"):
+        resolved = _resolve_base_attention(module)
+    implementation, attend = resolved
     prefix = _ACTIVE.get()
     if prefix is None:
         return attend(module, query, key, value, attention_mask, *args, **kwargs)
-    n = prefix.length
-    prefix.check_batch(key.shape[0])
-    key, value = prepend_prefix(prefix, key, value)
+    prefix_key, prefix_value = prefix.key, prefix.value
+    n = prefix_key.shape[-2]
+    batch = key.shape[0]
+    if prefix_key.shape[0] != batch:
+        prefix.check_batch(batch)
+        prefix_key, prefix_value = prefix_key.expand(batch, -1, -1, -1), prefix_value.expand(batch, -1, -1, -1)
+    if prefix_key.dtype != key.dtype:
+        prefix_key, prefix_value = prefix_key.to(key.dtype), prefix_value.to(value.dtype)
+    key = torch.cat((prefix_key, key), dim=2)
+    value = torch.cat((prefix_value, value), dim=2)
     if attention_mask is not None:
         attention_mask = widen_mask(attention_mask, n, prefix.visible)
-    else:
+    elif query.shape[2] > 1 or prefix.visible is not None:
         # SDPA's is_causal aligns top-left and would hide real keys behind the prefix: make the mask explicit.
-        causal = _sdpa_would_be_causal(module, attend, query, kwargs)
+        is_causal = kwargs.get("is_causal")
+        causal = implementation == "sdpa" and query.shape[2] > 1 and bool(
+            getattr(module, "is_causal", True) if is_causal is None else is_causal
+        )
         if causal or prefix.visible is not None:
             attention_mask = prefix_mask(
                 query.shape[2], key.shape[2] - n, n, causal=causal, visible=prefix.visible, device=query.device
             )
             if "is_causal" in kwargs:
                 kwargs["is_causal"] = False
-    position_bias = kwargs.get("position_bias")
-    if position_bias is not None:
+    if kwargs.get("position_bias") is not None:
         # Prefix keys have no position, so no relative-position bias (T5); visibility is already in the mask.
-        kwargs["position_bias"] = widen_mask(position_bias, n)
+        kwargs["position_bias"] = widen_mask(kwargs["position_bias"], n)
     return attend(module, query, key, value, attention_mask, *args, **kwargs)
 
 
@@ -209,19 +231,12 @@ def prepend_prefix(prefix: ActivePrefix, key: torch.Tensor, value: torch.Tensor)
 
 
 def _match(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    """The prefix in the states' dtype and batch (no-op views in the common case: this runs in every layer)."""
+    """The prefix in the states' dtype and batch (no-op views in the common case)."""
     if prefix.dtype != states.dtype:
         prefix = prefix.to(states.dtype)
     if prefix.shape[0] != states.shape[0]:
         prefix = prefix.expand(states.shape[0], -1, -1, -1)
     return prefix
-
-
-def _sdpa_would_be_causal(module: nn.Module, attend: Callable, query: torch.Tensor, kwargs: dict) -> bool:
-    if query.shape[2] <= 1 or attend is not ALL_ATTENTION_FUNCTIONS.get("sdpa"):
-        return False
-    is_causal = kwargs.get("is_causal")
-    return bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
 
 
 def register_attention_function() -> None:

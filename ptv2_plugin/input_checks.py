@@ -48,7 +48,8 @@ def check_forward_inputs(model: nn.Module, kwargs: dict[str, Any], shift: int) -
             raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}.")
         vocab = getattr(model.config, "vocab_size", None)
         if vocab and input_ids.numel():
-            low, high = (int(v) for v in torch.aminmax(input_ids))
+            low, high = torch.aminmax(input_ids)
+            low, high = int(low), int(high)
             if low < 0 or high >= vocab:
                 raise ValueError(
                     f"input_ids hold ids in [{low}, {high}] but the vocabulary has {vocab} entries: was the text "

@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .attention import (
+    _ACTIVE,
     PLANNED_PREFIXES,
     ROW_ADAPTERS,
     ActivePrefix,
@@ -46,6 +47,7 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.injection = injection_for(base_layer)
+        self._interface = type(self.injection) is InterfaceInjection
 
     def update_layer(self, adapter_name: str, slot: int) -> None:
         self.ptv2_slot[adapter_name] = slot
@@ -109,7 +111,15 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
         if planned is not None and not self._disable_adapters and self.prefix_source is None:  # see serving_plan.py
             prefix = planned.get(self, _UNPLANNED)
             if prefix is not _UNPLANNED:
-                return self.base_layer(*args, **kwargs) if prefix is None else self.injection(prefix, args, kwargs)
+                if prefix is None:
+                    return self.base_layer(*args, **kwargs)
+                if not self._interface:
+                    return self.injection(prefix, args, kwargs)
+                token = _ACTIVE.set(prefix)  # InterfaceInjection's call, inline: this runs in every layer
+                try:
+                    return self.base_layer(*args, **kwargs)
+                finally:
+                    _ACTIVE.reset(token)
         if self.disable_adapters:
             return self.base_layer(*args, **kwargs)
         row_adapters = ROW_ADAPTERS.get()

@@ -43,18 +43,24 @@ class PTuningV2Model(BaseTuner):
         register_attention_function()
         if "ptv2_prefix_encoder" not in self._modules:
             self.ptv2_prefix_encoder = nn.ModuleDict()
+            self._serving_planner = ServingPlanner(self)
+            # Bound methods, so a deep copy of the model checks and plans with its own tuner.
             self._ptv2_hooks: list = [
                 _install_checkpointing_input_grads(model),
-                model.register_forward_pre_hook(self._check_inputs, with_kwargs=True),
-                _HookGroup(ServingPlanner(self).install(model)),
+                model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                model.register_forward_hook(self._serving_planner.withdraw, always_call=True),
             ]
 
-    def _check_inputs(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        if tracing() or not self.active_adapters:
-            return
-        active = [self.peft_config[name] for name in self.active_adapters if name in self.peft_config]
-        shift = sum(c.num_virtual_tokens for c in active if c.shift_position_ids)
-        check_forward_inputs(module, kwargs, shift)
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """One pre-hook for every forward of the base model: check the inputs, then publish the serving table."""
+        traced = tracing()
+        active = self.active_adapters
+        if not traced and active:
+            configs = self.peft_config
+            shift = sum(configs[name].num_virtual_tokens for name in active
+                        if name in configs and configs[name].shift_position_ids)
+            check_forward_inputs(module, kwargs, shift)
+        self._serving_planner.publish(traced)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -10,6 +11,8 @@ from torch import nn
 
 from .architectures import KVGeometry
 from .attention import ActivePrefix
+
+_VERSION = operator.attrgetter("_version")  # a tensor's in-place update counter
 
 
 class PrefixEncoder(nn.Module):
@@ -125,20 +128,25 @@ class PrefixEncoder(nn.Module):
         return F.linear(hidden, out.weight[start:end], out.bias[start:end])
 
     def _weights(self) -> tuple[torch.Tensor, ...]:
-        """The parameters, read straight from their modules (cheaper than ``parameters()``, and never stale)."""
-        if self.transform is None:
-            return (self.embedding.weight,)
-        first, last = self.transform[0], self.transform[2]
-        return (self.embedding.weight, first.weight, first.bias, last.weight, last.bias)
+        """The parameters, read straight from their modules' tables (never stale; this runs on every eval forward,
+        so without ``parameters()`` or ``nn.Module.__getattr__``)."""
+        modules = self._modules
+        embedding = modules["embedding"]._parameters["weight"]
+        transform = modules.get("transform")
+        if transform is None:
+            return (embedding,)
+        first, last = transform._modules["0"]._parameters, transform._modules["2"]._parameters
+        return (embedding, first["weight"], first["bias"], last["weight"], last["bias"])
 
     def _uses_cache(self) -> bool:
         if self.training:
             return False
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self._weights()))
+        return not torch.is_grad_enabled() or not any(p.requires_grad for p in self._weights())
 
     def _state_key(self) -> tuple:
         # A new dtype or device means new storage, so the data pointer covers them; in-place updates bump _version.
-        return tuple((p.data_ptr(), p._version) for p in self._weights())
+        weights = self._weights()
+        return (*map(torch.Tensor.data_ptr, weights), *map(_VERSION, weights))
 
     def _split(self, rows: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, slot width) -> keys and values, each (kv_heads, n, head_dim)."""

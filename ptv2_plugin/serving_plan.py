@@ -3,8 +3,9 @@
 While serving (eval, no gradient wanted for the prefix), each adapter's encoder already computes all of its layers'
 keys and values in one MLP run and caches them (``PrefixEncoder._serving_prefixes``). Fetching them from every layer
 still cost Python per layer on every forward: finding the encoder and slot, checking that the cache is fresh. Here
-a pre-hook on the base model does that check once per forward and publishes a ``{layer: prefix}`` table
-(``PLANNED_PREFIXES``) that the layers read with one lookup; a post-hook that also runs on errors clears it. The
+the tuner's pre-hook on the base model (the same hook that checks the inputs, so a forward pays for one hook) does
+that check once per forward and publishes a ``{layer: prefix}`` table (``PLANNED_PREFIXES``) that the layers read
+with one lookup; a post-hook that also runs on errors clears it. The
 table itself is rebuilt only when something it depends on changes: the active adapters, the set of adapters, or an
 encoder's cache (new weights, ``train()``, ``to()``, ``load_state_dict``) -- the encoders' own freshness check decides.
 
@@ -16,13 +17,13 @@ turned off with ``disable_adapter()``, and any call of a layer outside its model
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from .attention import PLANNED_PREFIXES, ROW_ADAPTERS, ActivePrefix
-from .input_checks import tracing
 from .layer import PTuningV2Layer
 
 
@@ -40,7 +41,7 @@ class _Plan:
             self.adapters == adapters
             and self.active == active
             and len(self.sources) == len(sources)
-            and all(mine is theirs for mine, theirs in zip(self.sources, sources))
+            and all(map(operator.is_, self.sources, sources))
         )
 
 
@@ -52,18 +53,22 @@ class ServingPlanner:
         self._plan: _Plan | None = None
 
     def table(self) -> dict[PTuningV2Layer, ActivePrefix | None] | None:
-        """The ``{layer: prefix}`` table for a forward starting now, or None where the general path must run."""
+        """The ``{layer: prefix}`` table for a forward starting now, or None where the general path must run
+        (the caller has already ruled out tracing)."""
         tuner = self.tuner
-        if ROW_ADAPTERS.get() is not None or tracing():
+        if ROW_ADAPTERS.get() is not None:
             return None
         encoders = tuner.__dict__["_modules"].get("ptv2_prefix_encoder")
         active = tuple(tuner.active_adapters)
-        if encoders is None or not active or any(name not in encoders for name in active):
+        if encoders is None or not active:
             return None
-        chosen = [encoders[name] for name in active]
-        if not all(encoder._uses_cache() for encoder in chosen):
-            return None
-        sources = tuple(encoder._serving_prefixes() for encoder in chosen)
+        chosen = []
+        for name in active:  # a loop, not generators: this runs on every forward
+            encoder = encoders._modules.get(name)
+            if encoder is None or not encoder._uses_cache():
+                return None
+            chosen.append(encoder)
+        sources = tuple([encoder._serving_prefixes() for encoder in chosen])
         adapters = tuple(tuner.peft_config)
         plan = self._plan
         if plan is None or not plan.matches(adapters, active, sources):
@@ -72,14 +77,10 @@ class ServingPlanner:
             self._plan = plan
         return plan.layers
 
-    def install(self, model: nn.Module) -> list:
-        """Publish the table around every forward of ``model`` (the post-hook runs even when the forward raises);
-        returns the hook handles. Bound methods, so a deep copy of the model publishes its own table."""
-        return [model.register_forward_pre_hook(self._publish),
-                model.register_forward_hook(self._withdraw, always_call=True)]
+    def publish(self, traced: bool) -> None:
+        """Called by the tuner's pre-hook at the start of every forward of the base model."""
+        PLANNED_PREFIXES.set(None if traced else self.table())
 
-    def _publish(self, module: nn.Module, args: Any) -> None:
-        PLANNED_PREFIXES.set(self.table())
-
-    def _withdraw(self, module: nn.Module, args: Any, output: Any) -> None:
+    def withdraw(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Post-hook (``always_call=True``): no table outlives its forward, also when the forward raises."""
         PLANNED_PREFIXES.set(None)
