@@ -47,7 +47,6 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.injection = injection_for(base_layer)
-        self._interface = type(self.injection) is InterfaceInjection
 
     def update_layer(self, adapter_name: str, slot: int) -> None:
         self.ptv2_slot[adapter_name] = slot
@@ -113,7 +112,7 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
             if prefix is not _UNPLANNED:
                 if prefix is None:
                     return self.base_layer(*args, **kwargs)
-                if not self._interface:
+                if type(self.injection) is not InterfaceInjection:
                     return self.injection(prefix, args, kwargs)
                 token = _ACTIVE.set(prefix)  # InterfaceInjection's call, inline: this runs in every layer
                 try:
