@@ -168,7 +168,7 @@ def _resolve_base_attention(module: nn.Module) -> tuple[str, Callable]:
     else:
         raise unsupported_backend(implementation, type(module).__name__)
     resolved = (implementation, function)
-    if view is not None:  # prefixed_attention reads it inline
+    if view is not None:
         view.__dict__["_resolved"] = resolved
     return resolved
 
@@ -182,32 +182,17 @@ def prefixed_attention(
     *args: Any,
     **kwargs: Any,
 ):
-    """Registered attention function: the model's own attention over ``[prefix; keys]`` and ``[prefix; values]``.
-
-    This runs in every prefixed layer of every forward, so the common case (one adapter, no mask or an ordinary
-    one) is written out inline: each helper call here would cost more than the checks it makes.
-    """
-    view = module.config  # the view InterfaceInjection installed; its cached resolution is read inline
-    resolved = view.__dict__.get("_resolved") if type(view) is PrefixedAttentionConfig else None
-    if resolved is None or resolved[0] != (view.__dict__["_base"]._attn_implementation or "eager"):
-        resolved = _resolve_base_attention(module)
-    implementation, attend = resolved
+    """Registered attention function: the model's own attention over ``[prefix; keys]`` and ``[prefix; values]``."""
+    implementation, attend = _resolve_base_attention(module)
     prefix = _ACTIVE.get()
     if prefix is None:
         return attend(module, query, key, value, attention_mask, *args, **kwargs)
-    prefix_key, prefix_value = prefix.key, prefix.value
-    n = prefix_key.shape[-2]
-    batch = key.shape[0]
-    if prefix_key.shape[0] != batch:
-        prefix.check_batch(batch)
-        prefix_key, prefix_value = prefix_key.expand(batch, -1, -1, -1), prefix_value.expand(batch, -1, -1, -1)
-    if prefix_key.dtype != key.dtype:
-        prefix_key, prefix_value = prefix_key.to(key.dtype), prefix_value.to(value.dtype)
-    key = torch.cat((prefix_key, key), dim=2)
-    value = torch.cat((prefix_value, value), dim=2)
+    n = prefix.length
+    prefix.check_batch(key.shape[0])
+    key, value = prepend_prefix(prefix, key, value)
     if attention_mask is not None:
         attention_mask = widen_mask(attention_mask, n, prefix.visible)
-    elif query.shape[2] > 1 or prefix.visible is not None:
+    else:
         # SDPA's is_causal aligns top-left and would hide real keys behind the prefix: make the mask explicit.
         is_causal = kwargs.get("is_causal")
         causal = implementation == "sdpa" and query.shape[2] > 1 and bool(
@@ -219,9 +204,10 @@ def prefixed_attention(
             )
             if "is_causal" in kwargs:
                 kwargs["is_causal"] = False
-    if kwargs.get("position_bias") is not None:
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
         # Prefix keys have no position, so no relative-position bias (T5); visibility is already in the mask.
-        kwargs["position_bias"] = widen_mask(kwargs["position_bias"], n)
+        kwargs["position_bias"] = widen_mask(position_bias, n)
     return attend(module, query, key, value, attention_mask, *args, **kwargs)
 
 
@@ -231,7 +217,7 @@ def prepend_prefix(prefix: ActivePrefix, key: torch.Tensor, value: torch.Tensor)
 
 
 def _match(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    """The prefix in the states' dtype and batch (no-op views in the common case)."""
+    """The prefix in the states' dtype and batch (no-op views in the common case: this runs in every layer)."""
     if prefix.dtype != states.dtype:
         prefix = prefix.to(states.dtype)
     if prefix.shape[0] != states.shape[0]:

@@ -10,7 +10,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .attention import (
-    _ACTIVE,
     PLANNED_PREFIXES,
     ROW_ADAPTERS,
     ActivePrefix,
@@ -110,15 +109,7 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
         if planned is not None and not self._disable_adapters and self.prefix_source is None:  # see serving_plan.py
             prefix = planned.get(self, _UNPLANNED)
             if prefix is not _UNPLANNED:
-                if prefix is None:
-                    return self.base_layer(*args, **kwargs)
-                if type(self.injection) is not InterfaceInjection:
-                    return self.injection(prefix, args, kwargs)
-                token = _ACTIVE.set(prefix)  # InterfaceInjection's call, inline: this runs in every layer
-                try:
-                    return self.base_layer(*args, **kwargs)
-                finally:
-                    _ACTIVE.reset(token)
+                return self.base_layer(*args, **kwargs) if prefix is None else self.injection(prefix, args, kwargs)
         if self.disable_adapters:
             return self.base_layer(*args, **kwargs)
         row_adapters = ROW_ADAPTERS.get()

@@ -128,15 +128,11 @@ class PrefixEncoder(nn.Module):
         return F.linear(hidden, out.weight[start:end], out.bias[start:end])
 
     def _weights(self) -> tuple[torch.Tensor, ...]:
-        """The parameters, read straight from their modules' tables (never stale; this runs on every eval forward,
-        so without ``parameters()`` or ``nn.Module.__getattr__``)."""
-        modules = self._modules
-        embedding = modules["embedding"]._parameters["weight"]
-        transform = modules.get("transform")
-        if transform is None:
-            return (embedding,)
-        first, last = transform._modules["0"]._parameters, transform._modules["2"]._parameters
-        return (embedding, first["weight"], first["bias"], last["weight"], last["bias"])
+        """The parameters, read straight from their modules (cheaper than ``parameters()``, and never stale)."""
+        if self.transform is None:
+            return (self.embedding.weight,)
+        first, last = self.transform[0], self.transform[2]
+        return (self.embedding.weight, first.weight, first.bias, last.weight, last.bias)
 
     def _uses_cache(self) -> bool:
         if self.training:
