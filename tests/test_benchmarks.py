@@ -138,6 +138,53 @@ def test_quality_on_a_six_class_file_with_string_labels(tmp_path):
     assert len(row["runs"][0]["predicted_class_rates"]) == 6
 
 
+def test_quality_screen_scores_variants_on_the_tuning_split(tmp_path, monkeypatch):
+    """Each variant x seed trains once and is scored on the tuning split, never on dev; every run is logged."""
+    from benchmarks import quality, quality_screen
+
+    scored = []
+    evaluate = common.evaluate
+    monkeypatch.setattr(common, "evaluate", lambda model, data: scored.append(data) or evaluate(model, data))
+    variants = ['{"kind": "ptv2", "lr": 1e-3, "base_dropout": 0}', '{"kind": "lora", "lr": 3e-3, "head_lr": null}']
+    records = quality_screen.main(["--smoke", "--jobs", "1", "--out", str(tmp_path), "--seeds", "0", "1",
+                                   *[arg for v in variants for arg in ("--variant", v)]])
+    assert [(r["variant"]["kind"], r["seed"], r["status"]) for r in records] == [
+        ("ptv2", 0, "ok"), ("ptv2", 1, "ok"), ("lora", 0, "ok"), ("lora", 1, "ok")]
+    assert all(0 <= r["tune_accuracy"] <= 1 for r in records)
+    assert records[0]["dropouts_set"] > 0 and "dropouts_set" not in records[2]
+    assert records[2]["variant"]["head_lr"] is None and records[0]["variant"]["head_lr"] == quality.HEAD_LR
+    assert [json.loads(line)["seed"] for line in (tmp_path / "screen.jsonl").read_text().splitlines()] == [0, 1, 0, 1]
+    # in this process too (the workers' own calls are not visible here): the split scored is the tuning split
+    quality._init_worker((True, None, 64, 32), 1)
+    quality_screen.run(quality_screen.parse_variant('{"kind": "ptv2", "lr": 1e-3}', 4), quality_screen.SMOKE_BUDGET
+                       | {"batch_size": 16}, 0)
+    assert scored == [quality._encoded("tune")]
+
+
+@pytest.mark.parametrize("variant,problem", [
+    ("{kind: ptv2}", "not JSON"), ('{"kind": "adapter", "lr": 1e-3}', "needs a kind"),
+    ('{"kind": "ptv2", "lr": 0}', "positive lr"), ('{"kind": "ptv2", "lr": 1e-3, "base_dropout": 1}', "base_dropout"),
+    ('{"kind": "ptv2", "lr": 1e-3, "epochs": 9}', "unknown fields"), ('{"kind": "ptv2", "lr": 1e-3, "train": '
+                                                                      '{"seed": 3}}', "train.seed"),
+    ('{"kind": "ptv2", "lr": 1e-3, "options": [1]}', "JSON objects")])
+def test_quality_screen_refuses_a_bad_variant_by_name(variant, problem):
+    from benchmarks import quality_screen
+
+    with pytest.raises(SystemExit, match=problem):
+        quality_screen.parse_variant(variant, 4)
+
+
+def test_base_dropout_zero_makes_training_forwards_deterministic():
+    from benchmarks import quality_screen
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("bert", "SEQ_CLS").train()
+    ids = torch.randint(3, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout is on
+    assert quality_screen.set_base_dropout(model, 0.0) > 0
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_quality_jobs_in_parallel_give_the_serial_results(tmp_path):
     from benchmarks import quality
 
