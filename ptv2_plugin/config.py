@@ -28,8 +28,10 @@ class PTuningV2Config(PeftConfig):
 
     ``prefix_init`` defaults to "random" for every task type: on a tuning split held out from SST-2 train (frozen
     all-MiniLM-L6-v2, 3 seeds) random init reached 84.20 % against 83.47 % for "zeros" and 81.13 % for
-    "real_tokens" (benchmarks/results/quality/report.md, initialisation study). "real_tokens" is there for models
-    and tasks where a real-text start helps (PEFT's study: decoders); see ptv2_plugin.initialization.
+    "real_tokens" at the reduced budget (benchmarks/results/quality/report.md), and 86.51 % against 86.85 % and
+    77.10 % at the full one (benchmarks/results/quality_full/report.md): "zeros" is not ahead by more than the seed
+    spread, "real_tokens" collapsed at one seed. "real_tokens" is there for models and tasks where a real-text start
+    helps (PEFT's study: decoders); see ptv2_plugin.initialization.
     """
 
     num_virtual_tokens: int = field(default=20, metadata={"help": "Number of prefix keys/values per layer (n)."})
