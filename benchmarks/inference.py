@@ -186,7 +186,9 @@ def _why_missed(rows: list[dict]) -> list[str]:
                  "measures the ways of doing that in one attention block (a preallocated workspace, a sequence-major "
                  "`cat`, a split softmax with no copy) against `cat` and against the no-copy floor, the attention "
                  "work of n more keys alone, which no way of feeding the prefix can beat. The Python part goes only "
-                 "by leaving PEFT's per-call wrappers (an exported graph, or `torch.compile`).")
+                 "by leaving per-call Python: the exported ONNX graph does; `torch.compile` does not yet, because a "
+                 "served model breaks dynamo's graph at every layer (context variables, the prefix cache's freshness "
+                 "check; measured in benchmarks/results/inference/NOTES.md).")
         lines += [text, ""]
     return lines
 
