@@ -20,8 +20,10 @@ to ``screen.jsonl`` in ``--out``.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 
 import torch
 
@@ -106,11 +108,17 @@ def main(argv=None) -> list[dict]:
     # the protocol's splits: the training subset and the disjoint tuning split after it (quality._load)
     load = (args.smoke, args.data, 64 if args.smoke else common.TRAIN_SIZE, 32 if args.smoke else 872)
     jobs = [(variant, seed) for variant in variants for seed in args.seeds]
-    records = []
-    with ProcessPoolExecutor(args.jobs, initializer=quality._init_worker, initargs=(load, args.threads)) as pool:
-        futures = [pool.submit(run, variant, budget, seed) for variant, seed in jobs]
-        for future in futures:
-            record = future.result()
+    with ExitStack() as stack:
+        if args.jobs == 1:  # in this process, as benchmarks.quality does
+            quality._init_worker(load, args.threads)
+            results = (run(variant, budget, seed) for variant, seed in jobs)
+        else:  # spawned workers (as benchmarks.quality): a forked child can hang in an OpenMP pool its parent used
+            pool = stack.enter_context(ProcessPoolExecutor(
+                args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=quality._init_worker,
+                initargs=(load, args.threads)))
+            results = (future.result() for future in [pool.submit(run, v, budget, seed) for v, seed in jobs])
+        records = []
+        for record in results:
             records.append(record)
             with open(out / "screen.jsonl", "a", encoding="utf-8") as log:
                 log.write(json.dumps(record) + "\n")
