@@ -8,13 +8,16 @@ the cache never holds the prefix), widens the mask, and calls the model's own ea
 compute attention inline get the injections of ``inline_attention.py``.
 
 The prefix of the running layer travels in a ``ContextVar`` set around the module's call: nothing is stored on the
-base modules, and concurrent threads each see their own.
+base modules, and concurrent threads each see their own. Under torch.compile, whose dynamo cannot trace a ContextVar
+(each access would break the graph), modules that hand their ``**kwargs`` on to the attention function get the
+prefix as the call argument ``ptv2_prefix`` instead; the others keep the ContextVar and compile with graph breaks.
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -55,6 +58,28 @@ class ActivePrefix:
 
 _ACTIVE: ContextVar[ActivePrefix | None] = ContextVar("ptv2_active_prefix", default=None)
 ROW_ADAPTERS: ContextVar[list[str] | None] = ContextVar("ptv2_row_adapters", default=None)
+# Under torch.compile (dynamo), which cannot trace a ContextVar, the prefix goes to the attention function as this
+# call argument instead, through modules that hand their ``**kwargs`` on to it (``InterfaceInjection``).
+PREFIX_KWARG = "ptv2_prefix"
+
+
+class RowBatches:
+    """How many mixed-adapter forwards are running, in any thread. Compiled layers read ``ROW_ADAPTERS`` (a graph
+    break) only while this is not zero, so an ordinary compiled forward never touches a ContextVar."""
+
+    running = 0
+    _lock = threading.Lock()
+
+    @classmethod
+    @contextmanager
+    def open(cls):
+        with cls._lock:
+            cls.running += 1
+        try:
+            yield
+        finally:
+            with cls._lock:
+                cls.running -= 1
 # Eval fast path (serving_plan.py): each prefixed layer's prefix, resolved once for the whole forward.
 PLANNED_PREFIXES: ContextVar[dict | None] = ContextVar("ptv2_planned_prefixes", default=None)
 
@@ -184,7 +209,7 @@ def prefixed_attention(
 ):
     """Registered attention function: the model's own attention over ``[prefix; keys]`` and ``[prefix; values]``."""
     implementation, attend = _resolve_base_attention(module)
-    prefix = _ACTIVE.get()
+    prefix = kwargs.pop(PREFIX_KWARG, None) or _ACTIVE.get()
     if prefix is None:
         return attend(module, query, key, value, attention_mask, *args, **kwargs)
     n = prefix.length
@@ -270,10 +295,13 @@ class InterfaceInjection(Injection):
         base_attention_function(self.module)  # fail now, not mid-forward, on an unsupported attention backend
         if not isinstance(self.module.config, PrefixedAttentionConfig):
             self.module.config = PrefixedAttentionConfig(self.module.config)
+        self.forwards_kwargs = forwards_kwargs_to_attention(self.module)
 
     def __call__(self, prefix: ActivePrefix, args: tuple, kwargs: dict) -> Any:
         # Nothing to do before or after the module: only the prefix for its attention function (every layer, every
         # forward, so without the general path's two extra calls).
+        if self.forwards_kwargs and torch.compiler.is_dynamo_compiling():
+            return self.module(*args, **kwargs, **{PREFIX_KWARG: prefix})
         token = _ACTIVE.set(prefix)
         try:
             return self.module(*args, **kwargs)
@@ -283,6 +311,30 @@ class InterfaceInjection(Injection):
     def remove(self) -> None:
         if isinstance(getattr(self.module, "config", None), PrefixedAttentionConfig):
             self.module.config = self.module.config.base_config
+
+
+def forwards_kwargs_to_attention(module: nn.Module) -> bool:
+    """Whether ``module.forward`` takes ``**kwargs`` and hands them on to the attention function: read from its
+    source, where the call ``attention_interface(...)`` must pass ``**kwargs`` at its own level (not inside a nested
+    call). Anything else counts as no, and the module gets its prefix through the ContextVar."""
+    forward = type(module).forward
+    try:
+        source, parameters = inspect.getsource(forward), inspect.signature(forward).parameters.values()
+    except (OSError, TypeError, ValueError):
+        return False
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return False
+    start = source.find("attention_interface(")
+    if start < 0:
+        return False
+    depth = 0
+    for position in range(start + len("attention_interface"), len(source)):
+        depth += {"(": 1, ")": -1}.get(source[position], 0)
+        if depth == 0:
+            break
+        if depth == 1 and source.startswith("**kwargs", position):
+            return True
+    return False
 
 
 def uses_attention_interface(module: nn.Module) -> bool:

@@ -15,6 +15,7 @@ from .attention import (
     ActivePrefix,
     Injection,
     InterfaceInjection,
+    RowBatches,
     uses_attention_interface,
 )
 from .inline_attention import inline_injection
@@ -105,14 +106,15 @@ class PTuningV2Layer(nn.Module, BaseTunerLayer):
         return ActivePrefix(torch.stack(keys)[rows], torch.stack(values)[rows], torch.stack(visible)[rows])
 
     def forward(self, *args: Any, **kwargs: Any):
-        planned = PLANNED_PREFIXES.get()
+        compiling = torch.compiler.is_dynamo_compiling()  # dynamo cannot trace ContextVars (RowBatches)
+        planned = None if compiling else PLANNED_PREFIXES.get()
         if planned is not None and not self._disable_adapters and self.prefix_source is None:  # see serving_plan.py
             prefix = planned.get(self, _UNPLANNED)
             if prefix is not _UNPLANNED:
                 return self.base_layer(*args, **kwargs) if prefix is None else self.injection(prefix, args, kwargs)
         if self.disable_adapters:
             return self.base_layer(*args, **kwargs)
-        row_adapters = ROW_ADAPTERS.get()
+        row_adapters = None if compiling and not RowBatches.running else ROW_ADAPTERS.get()
         prefix = self.prefix(self.active_adapters) if row_adapters is None else self.row_prefix(row_adapters)
         if prefix is None:
             return self.base_layer(*args, **kwargs)

@@ -13,7 +13,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from .architectures import KVGeometry, attention_location, default_target_modules, kv_geometry
-from .attention import ROW_ADAPTERS, register_attention_function
+from .attention import ROW_ADAPTERS, RowBatches, register_attention_function
 from .config import PTuningV2Config
 from .config_checks import check_against_model
 from .initialization import initialize_prefix
@@ -21,7 +21,7 @@ from .input_checks import check_forward_inputs, tracing
 from .layer import BASE_ROW, PTuningV2Layer
 from .persistence import check_adapter_shapes
 from .positions import install_position_shift
-from .prefix_encoder import PrefixEncoder
+from .prefix_encoder import PrefixEncoder, refresh_serving_caches
 from .serving_plan import ServingPlanner
 from .transformers_compat import checkpointing_enabled
 
@@ -52,7 +52,14 @@ class PTuningV2Model(BaseTuner):
             ]
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        """One pre-hook for every forward of the base model: check the inputs, then publish the serving table."""
+        """One pre-hook for every forward of the base model: check the inputs, then publish the serving table.
+
+        Under torch.compile (dynamo) there is no table (a ContextVar); the encoders' serving caches are brought up
+        to date here instead, outside the graph, so that compiled layers can read them without a check of their own.
+        """
+        if torch.compiler.is_dynamo_compiling():
+            refresh_serving_caches(self.ptv2_prefix_encoder, self.active_adapters)
+            return
         traced = tracing()
         active = self.active_adapters
         if not traced and active:
@@ -100,7 +107,8 @@ class PTuningV2Model(BaseTuner):
             head.forward = _row_wise_head(head, list(adapter_names))
         token = ROW_ADAPTERS.set(list(adapter_names))
         try:
-            yield
+            with RowBatches.open():
+                yield
         finally:
             ROW_ADAPTERS.reset(token)
             for head in heads:

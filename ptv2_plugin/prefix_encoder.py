@@ -152,6 +152,8 @@ class PrefixEncoder(nn.Module):
 
     def _serving_prefixes(self) -> list[ActivePrefix]:
         """Every slot's prefix from one MLP run, contiguous, cached while the weights stay the same."""
+        if self._cache is not None and torch.compiler.is_dynamo_compiling():
+            return self._cache  # refreshed before every compiled forward, outside the graph (refresh_serving_caches)
         key = self._state_key()
         if self._cache is None or self._cache_key != key:
             self._cache = [
@@ -188,3 +190,14 @@ class PrefixEncoder(nn.Module):
         self._cache = None
         self._cache_key = None
         return super()._apply(fn, recurse)
+
+
+@torch.compiler.disable
+def refresh_serving_caches(encoders: nn.ModuleDict, active: Sequence[str]) -> None:
+    """Bring the active encoders' serving caches up to date, run eagerly: the check reads data pointers and version
+    counters, which dynamo cannot trace, so a compiled forward calls this once (one graph break) instead of checking
+    in every layer."""
+    for name in active:
+        encoder = encoders[name] if name in encoders else None
+        if encoder is not None and encoder._uses_cache():
+            encoder._serving_prefixes()

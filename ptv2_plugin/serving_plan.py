@@ -21,6 +21,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .attention import PLANNED_PREFIXES, ROW_ADAPTERS, ActivePrefix
@@ -82,5 +83,7 @@ class ServingPlanner:
         PLANNED_PREFIXES.set(None if traced else self.table())
 
     def withdraw(self, module: nn.Module, args: Any, output: Any) -> None:
-        """Post-hook (``always_call=True``): no table outlives its forward, also when the forward raises."""
-        PLANNED_PREFIXES.set(None)
+        """Post-hook (``always_call=True``): no table outlives its forward, also when the forward raises. A compiled
+        forward publishes none (see ``PTuningV2Model._before_forward``)."""
+        if not torch.compiler.is_dynamo_compiling():
+            PLANNED_PREFIXES.set(None)
