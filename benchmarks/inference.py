@@ -185,10 +185,10 @@ def _why_missed(rows: list[dict]) -> list[str]:
                  "copied in front of the keys or attended separately; `python -m benchmarks.prefix_attention` "
                  "measures the ways of doing that in one attention block (a preallocated workspace, a sequence-major "
                  "`cat`, a split softmax with no copy) against `cat` and against the no-copy floor, the attention "
-                 "work of n more keys alone, which no way of feeding the prefix can beat. The Python part goes only "
-                 "by leaving per-call Python: the exported ONNX graph does; `torch.compile` does not yet, because a "
-                 "served model breaks dynamo's graph at every layer (context variables, the prefix cache's freshness "
-                 "check; measured in benchmarks/results/inference/NOTES.md).")
+                 "work of n more keys alone, which no way of feeding the prefix can beat. A served model "
+                 "compiles with `torch.compile` to one graph, which removes the per-call Python; compiled ours / "
+                 "compiled base measured about as far from 1 as eager at 1 x 16 (benchmarks/results/inference/"
+                 "NOTES.md), so the gap there is attention work on the prefix more than Python.")
         lines += [text, ""]
     return lines
 
