@@ -58,6 +58,8 @@ class ActivePrefix:
 
 _ACTIVE: ContextVar[ActivePrefix | None] = ContextVar("ptv2_active_prefix", default=None)
 ROW_ADAPTERS: ContextVar[list[str] | None] = ContextVar("ptv2_row_adapters", default=None)
+# Eval fast path (serving_plan.py): each prefixed layer's prefix, resolved once for the whole forward.
+PLANNED_PREFIXES: ContextVar[dict | None] = ContextVar("ptv2_planned_prefixes", default=None)
 # Under torch.compile (dynamo), which cannot trace a ContextVar, the prefix goes to the attention function as this
 # call argument instead, through modules that hand their ``**kwargs`` on to it (``InterfaceInjection``).
 PREFIX_KWARG = "ptv2_prefix"
@@ -80,8 +82,6 @@ class RowBatches:
         finally:
             with cls._lock:
                 cls.running -= 1
-# Eval fast path (serving_plan.py): each prefixed layer's prefix, resolved once for the whole forward.
-PLANNED_PREFIXES: ContextVar[dict | None] = ContextVar("ptv2_planned_prefixes", default=None)
 
 
 def current_prefix() -> ActivePrefix | None:

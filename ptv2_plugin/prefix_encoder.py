@@ -195,8 +195,8 @@ class PrefixEncoder(nn.Module):
 @torch.compiler.disable
 def refresh_serving_caches(encoders: nn.ModuleDict, active: Sequence[str]) -> None:
     """Bring the active encoders' serving caches up to date, run eagerly: the check reads data pointers and version
-    counters, which dynamo cannot trace, so a compiled forward calls this once (one graph break) instead of checking
-    in every layer."""
+    counters, which dynamo cannot trace, so a compiled forward calls this once, outside its graph, instead of
+    checking in every layer."""
     for name in active:
         encoder = encoders[name] if name in encoders else None
         if encoder is not None and encoder._uses_cache():
