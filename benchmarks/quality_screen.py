@@ -10,8 +10,8 @@ of defaults and a new protocol run on dev.
 
 A variant is JSON: ``kind`` (ptv2 | lora | peft_prefix | full), ``lr``, optional ``head_lr`` (default 1e-2, the
 protocol's separate head rate; null trains the head at ``lr``), ``options`` for the method's config (ours gets the
-protocol's prefix settings unless it overrides them), ``base_dropout`` (a probability every ``nn.Dropout`` of the
-model, the frozen layers' and the head's, is set to, e.g. 0 to train without dropout) and ``train`` (fields of
+protocol's prefix settings unless it overrides them), ``base_dropout`` (a probability every dropout of the model,
+the frozen layers' and the head's, is set to, e.g. 0 to train without dropout) and ``train`` (fields of
 ``common.TrainConfig``, e.g. ``{"warmup_ratio": 0.1}``). Budgets are the protocol's: ``search`` (first 2,000
 examples of the training subset, 2 epochs) and ``final`` (8,000 x 3 epochs). Each finished run appends one JSON line
 to ``screen.jsonl`` in ``--out``.
@@ -63,11 +63,19 @@ def parse_variant(text: str, n: int) -> dict:
 
 
 def set_base_dropout(model: torch.nn.Module, p: float) -> int:
-    """Every ``nn.Dropout`` of ``model`` (the frozen model's and the head's) to ``p``; returns how many."""
-    found = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-    for module in found:
-        module.p = p
-    return len(found)
+    """Every dropout of ``model`` (the frozen model's and the head's) to ``p``: each ``nn.Dropout``, and each float
+    attribute with "dropout" in its name, which some attention modules pass to their kernel instead (BERT's
+    ``dropout_prob`` on transformers 4.57, Llama's ``attention_dropout``); returns how many were set."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+            count += 1
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, p)
+                count += 1
+    return count
 
 
 def run(variant: dict, budget: dict, seed: int) -> dict:
