@@ -13,6 +13,7 @@ the interval clears it (or ``--max-rounds`` / ``--max-seconds`` run out).
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import tempfile
@@ -20,8 +21,13 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
+from transformers.modeling_utils import AttentionInterface
 
 from benchmarks import common, stats
+from ptv2_plugin.attention import base_attention_function, uses_attention_interface, widen_mask
+from ptv2_plugin.layer import PTuningV2Layer
 
 ENCODER_SHAPES = [(1, 16), (1, 64), (32, 64), (1, 128), (32, 128)]
 TARGETS = {(32, 64): 1.02, (1, 16): 1.05}  # issues 6 and 16: ours / base eval forward, whole 95% interval
@@ -31,6 +37,9 @@ DECODER_CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376,
 
 
 METHODS = ("base", "ptv2", "peft_prefix")  # the compared models; each name is also its common.Method kind
+FLOOR_ATTENTION = "ptv2_benchmark_floor"
+# Floor model's attention modules -> (prefix keys, prefix values, the module's own attention function).
+_FLOOR_PREFIXES: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, object]] = {}
 
 
 def prefix_models(make, n: int, task: str) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
@@ -69,22 +78,15 @@ def _ratios(rounds: dict[str, list[float]]) -> dict:
 
 
 def encoder_latency(backbone: common.Backbone, n: int, shapes, rounds: int, max_rounds: int,
-                    max_seconds: float) -> tuple[list[dict], dict[str, str]]:
+                    max_seconds: float, breakdown_rounds: int) -> tuple[list[dict], dict[str, str]]:
     models, status = prefix_models(backbone.make, n, "SEQ_CLS")
     vocab = models["base"].config.vocab_size
     rows = []
     for batch, seq in shapes:
         inputs = common.random_batch(vocab, batch, seq)
-
-        def call(model, inputs=inputs):
-            def fn():
-                with torch.inference_mode():
-                    model(**inputs)
-            return fn
-
         target = TARGETS.get((batch, seq))
         estimate, per_round = stats.measure_ratio(
-            {k: call(m) for k, m in models.items()}, "ptv2", "base", target, min_rounds=rounds,
+            {k: _eval_call(m, inputs) for k, m in models.items()}, "ptv2", "base", target, min_rounds=rounds,
             max_rounds=max(rounds, max_rounds), per_round_calls=max(1, 8 // batch), max_seconds=max_seconds)
         med = {k: common.summary(v) for k, v in per_round.items()}  # over per-round medians
         row = {"batch": batch, "seq": seq, "rounds": estimate.rounds, "latency_seconds": med, **_ratios(per_round)}
@@ -94,6 +96,8 @@ def encoder_latency(backbone: common.Backbone, n: int, shapes, rounds: int, max_
             row["met"] = row["verdict"] == stats.MET
             if not row["met"]:
                 row["overhead_profile"] = profile_overhead(models["base"], models["ptv2"], inputs)
+                row["gap_breakdown"] = gap_breakdown(backbone.make, models["base"], models["ptv2"], inputs,
+                                                     breakdown_rounds, max_seconds, max(1, 8 // batch))
         rows.append(row)
         print(f"encoder b={batch} s={seq}: " + ", ".join(f"{k} {1000 * v['median']:.2f} ms" for k, v in med.items())
               + f" | ptv2/base {estimate}" + (f" target <= {target}: {row['verdict']}" if target else ""), flush=True)
@@ -129,6 +133,85 @@ def profile_overhead(base: torch.nn.Module, ours: torch.nn.Module, inputs: dict,
             "extra_op_calls": {k: n - calls["base"].get(k, 0) for k, n in calls["ptv2"].items()
                                if n > calls["base"].get(k, 0)},
             "python_seconds": max(0.0, wall["ptv2"] - wall["base"] - op_total)}
+
+
+def _floor_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, *args, **kwargs):
+    """The prefix's attention work and nothing else: ``cat`` it in front of the keys and values, widen a mask if
+    there is one, and call the module's own attention function (bidirectional encoders only)."""
+    prefix_key, prefix_value, attend = _FLOOR_PREFIXES[module]
+    if kwargs.get("is_causal") or getattr(module, "is_causal", False):
+        raise NotImplementedError("the attention floor is measured on bidirectional encoders only")
+    batch = key.shape[0]
+    key = torch.cat([prefix_key.expand(batch, -1, -1, -1), key], dim=2)
+    value = torch.cat([prefix_value.expand(batch, -1, -1, -1), value], dim=2)
+    if attention_mask is not None:
+        attention_mask = widen_mask(attention_mask, prefix_key.shape[2])
+    return attend(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def attention_floor_model(make, served: nn.Module) -> nn.Module:
+    """A fresh base model that computes what ``served`` computes with no adapter code at all: each prefixed
+    attention module gets the adapter's own prefix through ``_floor_attention`` (registered with transformers'
+    attention interface), and task heads get the adapter's weights. What it costs over the base model is the work of
+    attending to the prefix, which no way of serving it in eager PyTorch avoids.
+
+    Raises NotImplementedError where the attention modules compute attention inline (BERT on transformers 4.57).
+    """
+    AttentionInterface.register(FLOOR_ATTENTION, _floor_attention)
+    tuner = served.base_model
+    active = list(tuner.active_adapters)
+    floor = make()
+    for name, module in tuner.model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            floor.get_submodule(name).load_state_dict(module.modules_to_save[active[0]].state_dict())
+        if not isinstance(module, PTuningV2Layer) or (prefix := module.own_prefix(active)) is None:
+            continue
+        target = floor.get_submodule(name)
+        if not uses_attention_interface(target):
+            raise NotImplementedError(f"{type(target).__name__} computes attention inline, so no attention function "
+                                      "can take the prefix")
+        _FLOOR_PREFIXES[target] = (prefix.key.detach(), prefix.value.detach(), base_attention_function(target))
+        target.config = copy.copy(target.config)  # this module alone: the model's masks are built as without it
+        target.config._attn_implementation = FLOOR_ATTENTION
+    for p in floor.parameters():
+        p.requires_grad_(False)
+    return floor.eval()
+
+
+def gap_breakdown(make, base: nn.Module, served: nn.Module, inputs: dict, rounds: int, max_seconds: float,
+                  per_round_calls: int) -> dict:
+    """Where ours / base goes, measured interleaved: the attention floor (``attention_floor_model``), ours without
+    PEFT's model wrapper (the tuner's model, with our hooks and layers), and ours as served.
+
+    Each ratio to the base model comes with its 95% interval; ``{"unavailable": reason}`` where no floor model can be
+    built. The floor's outputs are checked against ours first, so it measures the same computation.
+    """
+    try:
+        floor = attention_floor_model(make, served)
+    except NotImplementedError as error:
+        return {"unavailable": str(error)}
+    with torch.inference_mode():
+        ours, bare = served(**inputs).logits, floor(**inputs).logits
+    if not torch.allclose(ours, bare, atol=1e-5, rtol=1e-4):
+        raise AssertionError(f"the floor model computes something else: max difference {(ours - bare).abs().max()}")
+    fns = {name: _eval_call(model, inputs)
+           for name, model in (("base", base), ("floor", floor), ("ptv2_without_peft_wrapper", served.get_base_model()),
+                               ("ptv2", served))}
+    _, per_round = stats.measure_ratio(fns, "ptv2", "base", None, min_rounds=rounds, max_rounds=rounds,
+                                       per_round_calls=per_round_calls, max_seconds=max_seconds)
+    out = {"rounds": len(per_round["base"])}
+    for name in ("floor", "ptv2_without_peft_wrapper", "ptv2"):
+        estimate = stats.ratio_interval(per_round[name], per_round["base"])
+        out[f"{name}_vs_base"], out[f"{name}_vs_base_interval"] = estimate.ratio, [estimate.low, estimate.high]
+    return out
+
+
+def _eval_call(model: nn.Module, inputs: dict):
+    def fn():
+        with torch.inference_mode():
+            model(**inputs)
+    return fn
 
 
 def decoder_throughput(make, n: int, batches, prompt: int, new_tokens: int,
@@ -181,16 +264,43 @@ def _why_missed(rows: list[dict]) -> list[str]:
         else:
             text += (". The separate wall-time run shows no gap beyond the op time, so this row's miss is mostly "
                      "run-to-run noise; the op time is what the prefix costs at this shape.")
+        text += _breakdown_text(r.get("gap_breakdown"), r.get("target"))
         text += (" What would close it: PyTorch's CPU SDPA takes one key and one value tensor, so the prefix must be "
                  "copied in front of the keys or attended separately; `python -m benchmarks.prefix_attention` "
                  "measures the ways of doing that in one attention block (a preallocated workspace, a sequence-major "
-                 "`cat`, a split softmax with no copy) against `cat` and against the no-copy floor, the attention "
-                 "work of n more keys alone, which no way of feeding the prefix can beat. A served model "
+                 "`cat`, a split softmax with no copy) against `cat` and against the no-copy floor. A served model "
                  "compiles with `torch.compile` to one graph, which removes the per-call Python; compiled ours / "
                  "compiled base measured about as far from 1 as eager at 1 x 16 (benchmarks/results/inference/"
-                 "NOTES.md), so the gap there is attention work on the prefix more than Python.")
+                 "NOTES.md).")
         lines += [text, ""]
     return lines
+
+
+def _breakdown_text(breakdown: dict | None, target: float | None) -> str:
+    """The gap breakdown of one shape in words: floor, our code, PEFT's wrapper, and what that leaves reachable."""
+    if not breakdown:
+        return ""
+    if "unavailable" in breakdown:
+        return f" No attention floor at this shape: {breakdown['unavailable']}."
+    def cell(name: str) -> str:
+        low, high = breakdown[f"{name}_vs_base_interval"]
+        return f"{breakdown[f'{name}_vs_base']:.3f} [{low:.3f}, {high:.3f}]"
+
+    floor, inner, served = (breakdown[f"{name}_vs_base"] for name in ("floor", "ptv2_without_peft_wrapper", "ptv2"))
+    text = (f" Gap breakdown ({breakdown['rounds']} interleaved rounds, each / base with its 95% interval): the "
+            f"attention floor (a base model that concatenates the same prefix in a minimal registered attention "
+            f"function, no adapter code) {cell('floor')}; ours without PEFT's model wrapper "
+            f"{cell('ptv2_without_peft_wrapper')}; ours as served {cell('ptv2')}. Attending to the prefix costs "
+            f"{100 * (floor - 1):+.1f} points, our hooks and layers {100 * (inner - floor):+.1f}, PEFT's `PeftModel` "
+            f"wrapper (the same for any PEFT adapter) {100 * (served - inner):+.1f}.")
+    if target is not None:
+        floor_low, floor_high = breakdown["floor_vs_base_interval"]
+        if floor_low > target:
+            text += " The floor alone is above the target: no way of serving this prefix in eager PyTorch meets it."
+        elif floor_high <= target and floor + (served - inner) > target:
+            text += (" The floor meets the target but the floor plus PEFT's wrapper does not: even with no adapter "
+                     "code of ours per forward, a PEFT-served prefix misses it here.")
+    return text
 
 
 def _ratio_cell(row: dict, key: str) -> str:
@@ -264,6 +374,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=20, help="Interleaved rounds per shape (at least).")
     parser.add_argument("--max-rounds", type=int, default=200, help="Rounds a shape with a target may grow to.")
     parser.add_argument("--max-seconds", type=float, default=240.0, help="Time a shape with a target may take.")
+    parser.add_argument("--breakdown-rounds", type=int, default=100,
+                        help="Interleaved rounds of the gap breakdown of each target not met.")
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
     out = common.setup(args, "inference")
@@ -271,6 +383,7 @@ def main(argv=None) -> dict:
         from tests.tiny_models import tiny_model
 
         backbone, shapes, args.rounds, args.max_rounds = common.tiny_backbone(), [(1, 16), (2, 8)], 2, 4
+        args.breakdown_rounds = 2
         make_decoder, decoder_name, batches, args.new_tokens = (lambda: tiny_model("llama", "CAUSAL_LM")), \
             "tiny llama (tests/tiny_models.py)", [1], 4
     else:
@@ -286,14 +399,15 @@ def main(argv=None) -> dict:
         batches = [1, 8]
     load_before = os.getloadavg()[0]  # the machine may be shared: the report says how busy it was
     encoder, encoder_status = encoder_latency(backbone, args.n, shapes, args.rounds, args.max_rounds,
-                                              args.max_seconds)
+                                              args.max_seconds, args.breakdown_rounds)
     decoder, decoder_status = decoder_throughput(make_decoder, args.n, batches, 16, args.new_tokens,
                                                  max(3, args.rounds // 4))
     result = {"status": {"encoder": encoder_status, "decoder": decoder_status}, "encoder": encoder,
               "decoder": decoder}
     meta = {"command": "python -m benchmarks.inference " + " ".join(sys.argv[1:] if argv is None else argv),
             "backbone": backbone.name, "decoder": decoder_name, "n": args.n, "rounds": args.rounds,
-            "max_rounds": args.max_rounds, "max_seconds": args.max_seconds, "load_before": load_before,
+            "max_rounds": args.max_rounds, "max_seconds": args.max_seconds,
+            "breakdown_rounds": args.breakdown_rounds, "load_before": load_before,
             "load_after": os.getloadavg()[0], "machine": common.machine()}
     common.write_json(out / "results.json", {"meta": meta, **result})
     common.write_atomic(out / "report.md", report(result, meta))

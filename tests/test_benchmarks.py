@@ -316,6 +316,55 @@ def test_inference_measures_adapters_as_served():
         assert not any(p.requires_grad for p in models[name].parameters())
 
 
+def test_gap_breakdown_measures_a_floor_that_computes_what_ours_computes(monkeypatch):
+    """The floor model gives ours' logits with no adapter code; a floor that left the prefix out would be caught."""
+    import copy
+
+    from benchmarks import inference
+
+    base = common.tiny_backbone().make().eval()
+    models, _ = inference.prefix_models(lambda: copy.deepcopy(base), 4, "SEQ_CLS")
+    inputs = common.random_batch(100, 2, 8)
+    breakdown = inference.gap_breakdown(lambda: copy.deepcopy(base), models["base"], models["ptv2"], inputs, 3, 60, 1)
+    if Version(transformers.__version__) < Version("5"):  # BERT computes attention inline there
+        assert "computes attention inline" in breakdown["unavailable"]
+        assert "No attention floor" in inference._breakdown_text(breakdown, 1.05)
+        return
+    assert breakdown["rounds"] == 3
+    for name in ("floor", "ptv2_without_peft_wrapper", "ptv2"):
+        low, high = breakdown[f"{name}_vs_base_interval"]
+        assert low <= breakdown[f"{name}_vs_base"] <= high
+    floor = inference.attention_floor_model(lambda: copy.deepcopy(base), models["ptv2"])
+    with torch.inference_mode():
+        assert torch.allclose(floor(**inputs).logits, models["ptv2"](**inputs).logits, atol=1e-5)
+        assert not torch.allclose(models["base"](**inputs).logits, models["ptv2"](**inputs).logits, atol=1e-5)
+    monkeypatch.setattr(inference, "_FLOOR_PREFIXES", {})
+    real = inference.attention_floor_model
+    def prefix_left_out(make, served):
+        model = real(make, served)
+        for module, (key, value, attend) in inference._FLOOR_PREFIXES.items():
+            inference._FLOOR_PREFIXES[module] = (key[:, :, :0], value[:, :, :0], attend)
+        return model
+    monkeypatch.setattr(inference, "attention_floor_model", prefix_left_out)
+    with pytest.raises(AssertionError, match="computes something else"):
+        inference.gap_breakdown(lambda: copy.deepcopy(base), models["base"], models["ptv2"], inputs, 3, 60, 1)
+
+
+def test_gap_breakdown_text_says_what_the_floor_leaves_reachable():
+    from benchmarks import inference
+
+    def breakdown(floor, inner, served, floor_interval):
+        return {"rounds": 10, "floor_vs_base": floor, "floor_vs_base_interval": floor_interval,
+                "ptv2_without_peft_wrapper_vs_base": inner, "ptv2_without_peft_wrapper_vs_base_interval": [inner] * 2,
+                "ptv2_vs_base": served, "ptv2_vs_base_interval": [served] * 2}
+    text = inference._breakdown_text(breakdown(1.02, 1.06, 1.08, [1.01, 1.03]), 1.05)
+    assert "costs +2.0 points, our hooks and layers +4.0, PEFT's `PeftModel` wrapper (the same for any PEFT " \
+           "adapter) +2.0" in text
+    assert "no way of serving" not in text and "even with no adapter code" not in text
+    assert "no way of serving" in inference._breakdown_text(breakdown(1.06, 1.07, 1.08, [1.055, 1.065]), 1.05)
+    assert "even with no adapter code" in inference._breakdown_text(breakdown(1.03, 1.05, 1.08, [1.02, 1.04]), 1.05)
+
+
 def test_scaling_smoke(tmp_path):
     from benchmarks import scaling
 
