@@ -13,7 +13,12 @@ if ROOT not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Each pytest-xdist worker gets its share of the cores: two workers with two threads each on CI's two cores made
+# each other's parallel ops wait (`PTV2_LANES=tf523 bash scripts/test.sh` on the 2-core machine: 327 s with 2 threads
+# per worker, 293 s with 1). Capping ONNX Runtime's sessions (a thread per core by default) the same way measured no
+# different (295 s).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 import ptv2_plugin  # noqa: E402,F401  (registers the method)
 from exporters.onnx import graph_export  # noqa: E402
