@@ -491,15 +491,26 @@ def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> list[floa
     return times
 
 
+_ROUND_ORDER = random.Random(0)  # one seeded stream per process: the same run shuffles its rounds the same way
+
+
 def interleaved_times(fns: dict[str, Callable[[], Any]], rounds: int, per_round: int = 1,
                       warmup: int = 2) -> dict[str, list[float]]:
-    """Time several callables round-robin so drift in machine load hits all of them alike."""
+    """Time several callables round-robin so drift in machine load hits all of them alike.
+
+    Each round runs the candidates in a new random order: a fixed order biased the ratios by each candidate's place
+    in the round (MiniLM at 1 x 16: ours / base about 1.5 points higher with the base always first than shuffled;
+    benchmarks/results/inference/NOTES.md). A candidate's samples are still stored in round order (``stats.per_round``).
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     out: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
     for _ in range(rounds):
-        for name, fn in fns.items():
+        _ROUND_ORDER.shuffle(order)
+        for name in order:
+            fn = fns[name]
             for _ in range(per_round):
                 start = time.perf_counter()
                 fn()

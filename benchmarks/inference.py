@@ -297,9 +297,14 @@ def _breakdown_text(breakdown: dict | None, target: float | None) -> str:
         floor_low, floor_high = breakdown["floor_vs_base_interval"]
         if floor_low > target:
             text += " The floor alone is above the target: no way of serving this prefix in eager PyTorch meets it."
-        elif floor_high <= target and floor + (served - inner) > target:
+        elif floor_high > target:
+            text += (" The floor's own interval reaches past the target: the attention work alone uses about all the "
+                     "target allows, so meeting it would need our code and PEFT's wrapper to cost nothing.")
+        elif floor + (served - inner) > target:
             text += (" The floor meets the target but the floor plus PEFT's wrapper does not: even with no adapter "
                      "code of ours per forward, a PEFT-served prefix misses it here.")
+        else:
+            text += " The floor plus PEFT's wrapper meets the target: what is left above it is our hooks and layers."
     return text
 
 
