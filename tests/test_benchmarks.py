@@ -325,7 +325,7 @@ def test_gap_breakdown_measures_a_floor_that_computes_what_ours_computes(monkeyp
     base = common.tiny_backbone().make().eval()
     models, _ = inference.prefix_models(lambda: copy.deepcopy(base), 4, "SEQ_CLS")
     inputs = common.random_batch(100, 2, 8)
-    breakdown = inference.gap_breakdown(lambda: copy.deepcopy(base), models["base"], models["ptv2"], inputs, 3, 60, 1)
+    breakdown = inference.gap_breakdown(lambda: copy.deepcopy(base), models["base"], models["ptv2"], inputs, 3, 1)
     if Version(transformers.__version__) < Version("5"):  # BERT computes attention inline there
         assert "computes attention inline" in breakdown["unavailable"]
         assert "No attention floor" in inference._breakdown_text(breakdown, 1.05)
@@ -347,7 +347,7 @@ def test_gap_breakdown_measures_a_floor_that_computes_what_ours_computes(monkeyp
         return model
     monkeypatch.setattr(inference, "attention_floor_model", prefix_left_out)
     with pytest.raises(AssertionError, match="computes something else"):
-        inference.gap_breakdown(lambda: copy.deepcopy(base), models["base"], models["ptv2"], inputs, 3, 60, 1)
+        inference.gap_breakdown(lambda: copy.deepcopy(base), models["base"], models["ptv2"], inputs, 3, 1)
 
 
 def test_gap_breakdown_text_says_what_the_floor_leaves_reachable():
