@@ -241,15 +241,20 @@ def node_type_profile(path: Path, feed: dict[str, np.ndarray], threads: int, run
 
 
 # ------------------------------------------------------------------------------------------------- encoder
-def train_adapter(backbone: common.Backbone, data: common.TextData, n: int, epochs: float):
-    """A P-Tuning v2 adapter (MLP on, head at its own learning rate) trained briefly: the quality recipe."""
+def train_adapter(backbone: common.Backbone, data: common.TextData, n: int, epochs: float, seed: int = 0):
+    """A P-Tuning v2 adapter (MLP on, head at its own learning rate) trained briefly: the quality recipe.
 
+    Seeded before the new head and the prefix are drawn, so the same command trains the same adapter (the process's
+    own torch seed differs from run to run, and the report's accuracy rows with it).
+    """
+
+    torch.manual_seed(seed)
     method = common.Method("ptv2", "ptv2", ptv2_plugin.RECOMMENDED_LEARNING_RATE,
                            {"num_virtual_tokens": n, "prefix_projection": True},
                            head_lr=ptv2_plugin.RECOMMENDED_HEAD_LEARNING_RATE)
     model = common.wrap(method, common.frozen_base(backbone))
     train = common.Encoded(backbone.tokenizer, data.train_texts, data.train_labels)
-    info = common.train(model, train, method, common.TrainConfig(epochs=epochs))
+    info = common.train(model, train, method, common.TrainConfig(epochs=epochs, seed=seed))
     model.eval()
     return model, info
 

@@ -468,6 +468,29 @@ def test_onnx_inference_smoke(tmp_path):
     assert not list(tmp_path.glob("*.onnx"))  # graphs never land in the results folder
 
 
+def test_onnx_inference_trains_the_same_adapter_whatever_the_process_seed():
+    from benchmarks import onnx_inference
+
+    tiny = common.tiny_backbone()
+
+    def make() -> torch.nn.Module:  # unlike tiny_model, MiniLM's from_pretrained does not seed: keep the state
+        state = torch.get_rng_state()
+        model = tiny.make()
+        torch.set_rng_state(state)
+        return model
+
+    backbone = common.Backbone(tiny.name, make, tiny.tokenizer)
+
+    def trained(process_seed: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        torch.manual_seed(process_seed)  # a fresh process's torch seed differs from run to run
+        model, _ = onnx_inference.train_adapter(backbone, common.synthetic_data(), 4, 0.5, seed=seed)
+        return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    first, again, other = trained(1), trained(2), trained(1, seed=1)
+    assert first and all(torch.equal(first[name], again[name]) for name in first)
+    assert not all(torch.equal(first[name], other[name]) for name in first)  # the seed is what decides
+
+
 def test_onnx_inference_decoder_only(tmp_path):
     """``--decoder-only`` measures the decoder rows alone and writes their own report (no encoder, no training)."""
     pytest.importorskip("onnxruntime")
