@@ -3,14 +3,17 @@
     python -m benchmarks.training_cost [--batch 32] [--seq 64] [--n 16] [--rounds 30]
 
 Each method is a fresh copy of the frozen base; steps (forward, backward, AdamW) are timed round-robin in one process
-so load drift on a shared machine hits all methods alike. Reported as ratios to PEFT prefix tuning and to LoRA.
+so load drift on a shared machine hits all methods alike. Reported as ratios to PEFT prefix tuning and to LoRA: step
+time as the geometric mean of per-round ratios with a 95% bootstrap interval (``stats.ratio_interval``; a fixed number
+of rounds, one look), memory as an exact ratio of counted bytes. A target is MET only when the whole interval is on
+its side.
 """
 
 from __future__ import annotations
 
 import sys
 
-from benchmarks import common
+from benchmarks import common, stats
 
 
 def measure(backbone: common.Backbone, methods: list[common.Method], batch: int, seq: int, rounds: int,
@@ -28,29 +31,40 @@ def measure(backbone: common.Backbone, methods: list[common.Method], batch: int,
         "status": {name: status for name, (_, status) in built.items()},
         "trainable_params": {name: common.trainable_parameters(model) for name, model in models.items()},
         "step_seconds": {name: common.summary(t) for name, t in times.items()},
+        "step_rounds": times,
         "memory": memory,
     }
 
 
-def ratios(result: dict, ours: str = "ptv2") -> dict:
-    steps = {k: v["median"] for k, v in result["step_seconds"].items()}
-    memory = {k: v["peak_extra_bytes"] for k, v in result["memory"].items()}
-    out = {}
-    for other in steps:
-        if other != ours:
-            out[f"step_{ours}_vs_{other}"] = steps[ours] / steps[other]
-            out[f"memory_{ours}_vs_{other}"] = memory[ours] / memory[other]
-    return out
-
-
-HEADERS = ["method", "trainable params", "step ms (median)", "std ms", "saved activations MiB",
-           "peak extra MiB (activations + grads + AdamW)"]
 CHECKS = [  # (ratio, the other method, limit, target)
     ("step", "peft_prefix", 1.0, "step time <= 1.0x PEFT prefix tuning"),
     ("step", "lora_r8", 1.05, "step time within 5% of LoRA r=8"),
     ("memory", "peft_prefix", 1.0, "peak memory <= PEFT prefix tuning"),
     ("memory", "lora_r8", 1.0, "peak memory <= LoRA r=8"),
 ]
+
+
+def ratios(result: dict, ours: str = "ptv2") -> dict:
+    """Ours against every other measured method, each with its target's verdict where it has one: step time with a
+    95% interval over the interleaved rounds, memory exact (counted bytes, so its interval is the ratio itself)."""
+    limits = {f"{metric}_{ours}_vs_{other}": limit for metric, other, limit, _ in CHECKS}
+    rounds, memory = result["step_rounds"], {k: v["peak_extra_bytes"] for k, v in result["memory"].items()}
+    out = {}
+    for other in rounds:
+        if other == ours:
+            continue
+        step = stats.ratio_interval(rounds[ours], rounds[other])
+        exact = memory[ours] / memory[other]
+        for key, estimate in ((f"step_{ours}_vs_{other}", step),
+                              (f"memory_{ours}_vs_{other}", stats.RatioEstimate(exact, exact, exact, 1, 1.0))):
+            out[key] = estimate.as_dict()
+            if key in limits:
+                out[key].update(target=limits[key], verdict=stats.verdict(estimate, limits[key]))
+    return out
+
+
+HEADERS = ["method", "trainable params", "step ms (median)", "std ms", "saved activations MiB",
+           "peak extra MiB (activations + grads + AdamW)"]
 
 
 def _table_row(result: dict, name: str) -> list:
@@ -78,14 +92,16 @@ def report(result: dict, meta: dict) -> str:
         "trainable parameters (frozen weights are shared by all methods and left out).",
         "",
     ]
-    for metric, other, limit, text in CHECKS:
+    for metric, other, _, text in CHECKS:
         key = f"{metric}_ptv2_vs_{other}"
         if key in r:
-            lines.append(f"- {text}: {r[key]:.3f}x -> {'MET' if r[key] <= limit else 'MISSED'}")
+            value = r[key]
+            interval = f" [{value['low']:.3f}, {value['high']:.3f}] (95%)" if metric == "step" else " (counted)"
+            lines.append(f"- {text}: {value['ratio']:.3f}x{interval} -> {value['verdict']}")
         elif result["status"].get(other, common.MEASURED) != common.MEASURED:
             lines.append(f"- {text}: {common.not_measured(meta['machine'])}")
     memory = result["memory"]
-    if r.get("memory_ptv2_vs_lora_r8", 0) > 1.0 and {"ptv2", "lora_r8"} <= set(memory):
+    if r.get("memory_ptv2_vs_lora_r8", {}).get("ratio", 0) > 1.0 and {"ptv2", "lora_r8"} <= set(memory):
         ours, lora = memory["ptv2"], memory["lora_r8"]
         activations = common.mib(ours["activation_bytes"] - lora["activation_bytes"])
         state = common.mib(ours["trainable_state_bytes"] - lora["trainable_state_bytes"])

@@ -276,9 +276,28 @@ def test_training_cost_smoke(tmp_path):
     assert result["status"] == {"ptv2": "ok", "peft_prefix": peft_status, "lora_r8": "ok"}
     measured = {name for name, status in result["status"].items() if status == "ok"}
     assert set(result["step_seconds"]) == set(result["memory"]) == measured
-    assert all(v > 0 for v in result["ratios"].values())
+    assert all(0 < v["low"] <= v["ratio"] <= v["high"] for v in result["ratios"].values())
+    step = result["ratios"]["step_ptv2_vs_lora_r8"]
+    assert step["rounds"] == 3 and step["verdict"] in ("MET", "MISSED", "INCONCLUSIVE")
     assert "memory_ptv2_vs_lora_r8" in result["ratios"]
     assert ("step_ptv2_vs_peft_prefix" in result["ratios"]) == PEFT_PREFIX_RUNS_ON_BERT
+
+
+def test_training_cost_verdicts_read_the_interval_not_the_median():
+    """A step-time ratio whose point estimate meets its target but whose interval straddles it is INCONCLUSIVE."""
+    from benchmarks import training_cost
+
+    def result(ours: list[float]) -> dict:
+        memory = {"peak_extra_bytes": 1}
+        return {"step_rounds": {"ptv2": ours, "peft_prefix": [1.0] * len(ours)},
+                "memory": {"ptv2": memory, "peft_prefix": memory}}
+
+    noisy = training_cost.ratios(result([0.90, 1.08, 0.93, 1.05, 0.97, 1.02]))["step_ptv2_vs_peft_prefix"]
+    assert noisy["ratio"] < 1.0 < noisy["high"] and noisy["verdict"] == "INCONCLUSIVE"
+    steady = training_cost.ratios(result([0.95, 0.96, 0.94, 0.95, 0.96, 0.95]))["step_ptv2_vs_peft_prefix"]
+    assert steady["high"] < 1.0 and steady["verdict"] == "MET"
+    exact = training_cost.ratios(result([1.0, 1.0]))["memory_ptv2_vs_peft_prefix"]
+    assert exact["ratio"] == exact["low"] == exact["high"] == 1.0 and exact["verdict"] == "MET"
 
 
 def test_inference_smoke(tmp_path):
@@ -541,7 +560,8 @@ def test_missed_targets_come_with_their_reasons():
     memory = {"ptv2": {"activation_bytes": 3 << 20, "trainable_state_bytes": 2 << 20, "peak_extra_bytes": 5 << 20},
               "lora_r8": {"activation_bytes": 2 << 20, "trainable_state_bytes": 1 << 20, "peak_extra_bytes": 3 << 20}}
     steps = {"median": 1.0, "std": 0.0}
-    result = {"ratios": {"memory_ptv2_vs_lora_r8": 5 / 3}, "memory": memory, "batch": 2, "seq": 4,
+    result = {"ratios": {"memory_ptv2_vs_lora_r8": {"ratio": 5 / 3, "low": 5 / 3, "high": 5 / 3, "verdict": "MISSED"}},
+              "memory": memory, "batch": 2, "seq": 4,
               "status": {"ptv2": "ok", "lora_r8": "ok"}, "trainable_params": {"ptv2": 10, "lora_r8": 5},
               "step_seconds": {"ptv2": steps, "lora_r8": steps}}
     meta = {"command": "x", "backbone": "tiny", "n": 4, "rounds": 1, "machine": common.machine()}
