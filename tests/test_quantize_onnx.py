@@ -88,7 +88,7 @@ def test_metadata_records_quantization_and_agreement(exports, arch, task):
     parity = metadata["parity"]
     assert parity["kind"] == "agreement" and parity["ok"]
     if task != "CAUSAL_LM":  # encoders: the rate rests on the wider batches too (decoders: every token of each step)
-        assert parity["rows"] >= Q.AGREEMENT_BATCHES * Q.AGREEMENT_ROWS[0]
+        assert parity["rows"] >= 1024  # AGREEMENT_BATCHES x 64: one batch of 64 refused healthy graphs by chance
     assert parity["agreement"] >= parity["min_agreement"] == Q.DEFAULT_MIN_AGREEMENT
     assert 0 < parity["max_abs_logit_diff"] < 0.2 * parity["max_abs_logit"]  # int8 rounding: not zero, not large
     float_metadata = json.loads((folder.parent / "float" / "ptv2_export.json").read_text())
